@@ -1,0 +1,33 @@
+# Set-up and the two README commands. `make demo` and `make test` work on a fresh Linux machine with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,notebooks,faiss
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+# torch first (the CPU wheel), then everything else constrained to it so nothing pulls a CUDA build.
+# GPU machines: `make setup TORCH=torch` after installing your own CUDA torch into .venv (see README).
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# The main job on the embedded default: baselines + a MiniLM two-tower on the synthetic dataset.
+demo: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/recsys baselines --config configs/synthetic.yaml
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/recsys train --config configs/synthetic.yaml
+
+test: setup
+	WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check recsys tests experiments
+
+clean:
+	rm -rf $(VENV) .pytest_cache

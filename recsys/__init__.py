@@ -1,0 +1,2 @@
+"""recsys: accuracy-efficiency trade-offs of PLM two-tower recommenders."""
+__version__ = "0.1.0"

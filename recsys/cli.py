@@ -1,0 +1,149 @@
+"""`recsys <verb>`: a thin command line over typed functions.
+
+    recsys data list | stats NAME | download NAME      datasets
+    recsys baselines [--config C] [--dataset NAME]      Popularity, ItemKNN, EASE^R, zero-shot encoder
+    recsys train [--config C] [section.key=value ...]   fit a two-tower model, test it, write results/runs/<name>/
+    recsys evaluate RUN [--stage test] [--compare X]     re-evaluate a run; paired test against another run
+
+User errors (config, data, paths, options) end with one line on stderr and exit code 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recsys.errors import RecsysError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise RecsysError(f"{self.prog}: {message}")
+
+
+def _config(args) -> "RunConfig":  # noqa: F821
+    from recsys.config import load_config
+    overrides = list(args.overrides)
+    for flag, key in (("dataset", "data.name"), ("path", "data.path"), ("data_dir", "data.data_dir")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def cmd_data(args) -> None:
+    from recsys.data import registry
+    if args.action == "list":
+        for name, spec in registry.DATASETS.items():
+            print(f"{name:24s} {spec.summary}")
+        return
+    if not args.name:
+        raise RecsysError(f"recsys data {args.action}: a dataset NAME is required")
+    if args.action == "download":
+        from recsys.data.download import download
+        print(download(args.name, data_dir=args.data_dir, force=args.force))
+        return
+    ds = registry.load_dataset(args.name, path=args.path, data_dir=args.data_dir, seed=args.seed)
+    stats = ds.stats()
+    width = max(map(len, stats))
+    for k, v in stats.items():
+        print(f"{k:{width}s}  {v:.6f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+
+
+def cmd_baselines(args) -> None:
+    from recsys.retrieval.baselines import run_baselines
+    from recsys.train import results_table
+    cfg = _config(args)
+    models = tuple(m.strip() for m in args.models.split(",")) if args.models else None
+    out = run_baselines(cfg, **({"models": models} if models else {}), progress=cfg.tracking.progress_bar)
+    print(f"\n{cfg.data.name} — test split, full ranking\n")
+    print(results_table([{"model": k, **v} for k, v in out.items()]))
+
+
+def cmd_train(args) -> None:
+    from recsys.train import baseline_rows, results_table, train
+    cfg = _config(args)
+    out = train(cfg)
+    if not out:  # non-zero ranks of a multi-process run
+        return
+    rows = [{"model": "two_tower", **out["test"]}, *baseline_rows(cfg)]
+    print(f"\n{cfg.data.name} — test split, full ranking ({out['evaluated_users']} users); run: {out['run_dir']}\n")
+    print(results_table(rows))
+    print(f"\ntrained {out['train_minutes']:.1f} min, {out['train_examples_per_s']:.1f} examples/s")
+
+
+def cmd_evaluate(args) -> None:
+    from recsys.retrieval.metrics import compare
+    from recsys.train import evaluate_run, read_per_user, results_table
+    res = evaluate_run(args.run, args.stage, progress=True)
+    print(results_table([{"model": str(args.run), **res.metrics}]))
+    if args.compare:
+        other = read_per_user(args.compare, args.metric)
+        col = res.per_user[args.metric]
+        ids = _user_ids(args.run)
+        mine = dict(zip([ids[u] for u in res.users], col))
+        common = sorted(set(mine) & set(other))
+        if len(common) != len(mine):
+            raise RecsysError(f"{args.compare}: evaluated users differ from {args.run} ({len(common)} in common of "
+                              f"{len(mine)}); compare runs on the same dataset and stage")
+        c = compare([other[u] for u in common], [mine[u] for u in common])
+        print(f"\n{args.metric}: {args.run} − {args.compare} = {c['diff']:+.4f} "
+              f"(95% bootstrap CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], paired t p={c['p_ttest']:.3g}, "
+              f"Wilcoxon p={c['p_wilcoxon']:.3g}, n={len(common)})")
+
+
+def _user_ids(run) -> list[str]:
+    from recsys.config import RunConfig, from_dict, read_yaml
+    from recsys.train import _run_paths, load_data
+    run_dir, _ = _run_paths(run)
+    cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir))
+    return load_data(cfg.data)[0].user_ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="recsys", description="Two-tower recommenders on pretrained language models.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("data", help="list, describe or download datasets")
+    d.add_argument("action", choices=["list", "stats", "download"])
+    d.add_argument("name", nargs="?")
+    d.add_argument("--path", help="folder holding the dataset's files")
+    d.add_argument("--data-dir", help="root of downloaded datasets (default: $RECSYS_DATA_DIR or ./data)")
+    d.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    d.add_argument("--force", action="store_true", help="download again even if the files are there")
+    d.set_defaults(func=cmd_data)
+
+    for verb, func, help_ in (("baselines", cmd_baselines, "evaluate the baselines on a dataset"),
+                              ("train", cmd_train, "train and test a two-tower model")):
+        s = sub.add_parser(verb, help=help_)
+        s.add_argument("--config", "-c", help="YAML config (see configs/)")
+        s.add_argument("--dataset", help="shortcut for data.name=")
+        s.add_argument("--path", help="shortcut for data.path=")
+        s.add_argument("--data-dir", help="shortcut for data.data_dir=")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
+        if verb == "baselines":
+            s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot")
+        s.set_defaults(func=func)
+
+    e = sub.add_parser("evaluate", help="re-evaluate a trained run (folder or checkpoint)")
+    e.add_argument("run")
+    e.add_argument("--stage", choices=["val", "test"], default="test")
+    e.add_argument("--compare", help="another run folder or per-user CSV: paired test and bootstrap CI")
+    e.add_argument("--metric", default="ndcg@10")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Typed run configuration: dataclasses validated on load, YAML files, dotted command-line overrides.
+
+A config file has up to four sections (`data`, `model`, `train`, `tracking`); any key may be overridden on the
+command line as `section.key=value` (the value is parsed as YAML). Unknown keys are rejected with the closest
+valid name, types and ranges are checked, and every error is one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recsys.errors import RecsysError
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, and how user/item texts are built from it."""
+
+    name: str = "synthetic"  # a registered dataset: synthetic, ml-100k, ml-1m, amazon2018:<Category>, mind, custom
+    path: str | None = None  # folder holding the dataset's files (default: <data_dir>/<dataset folder>)
+    data_dir: str | None = None  # root of downloaded datasets (default: $RECSYS_DATA_DIR or ./data)
+    min_rating: float | None = None  # keep only interactions rated >= this (implicit feedback: None keeps all)
+    seed: int = 0  # synthetic data seed
+    history_items: int = 10  # N most recent history items in the user text, most recent first
+    user_max_tokens: int = 128  # user-text length at evaluation
+    train_user_max_tokens: int | None = None  # user-text length while training (None = user_max_tokens)
+    item_max_tokens: int = 64
+
+    def __post_init__(self):
+        _check_positive(self, "history_items", "user_max_tokens", "item_max_tokens")
+        if self.train_user_max_tokens is not None:
+            _check_positive(self, "train_user_max_tokens")
+
+
+@dataclass
+class ModelConfig:
+    """The two-tower model: encoder(s), pooling, projection and score temperature."""
+
+    encoder: str = "minilm"  # "minilm" (packaged all-MiniLM-L6-v2), a local HF BERT directory, or a hub id
+    item_encoder: str | None = None  # separate item tower from another checkpoint (implies shared_towers=False)
+    shared_towers: bool = True  # one encoder for users and items
+    projection_dim: int | None = None  # optional linear projection of pooled embeddings to this many dims
+    temperature: float = 0.05  # score = dot(u, i) / temperature on L2-normalised embeddings
+    learn_temperature: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    dropout: float | None = None  # hidden + attention dropout while training (None = the checkpoint's)
+
+    def __post_init__(self):
+        _check_positive(self, "temperature")
+        if self.dropout is not None:
+            _check_range(self, "dropout", 0.0, 1.0)
+        if self.projection_dim is not None:
+            _check_positive(self, "projection_dim")
+        _check_choice(self, "attn_implementation", ("sdpa", "eager"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, validation and early stopping."""
+
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
+    grad_clip: float = 1.0
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed | bf16-true (Lightning precision; bf16 needs AVX512-BF16/AMX or a GPU)
+    examples_per_user: int | None = 20  # per-epoch cap on (history prefix -> next item) examples per user
+    extra_negatives: int = 0  # random catalog items added as negatives to every batch
+    val_check_interval: float = 1.0  # fraction of an epoch (<=1) or a number of steps (>1) between validations
+    early_stopping_patience: int = 3  # validations without improvement of val NDCG@10 before stopping
+    max_minutes: float | None = None  # wall-clock budget for fitting
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"  # auto | ddp (multi-process) | deepspeed (GPU)
+
+    def __post_init__(self):
+        _check_positive(self, "epochs", "batch_size", "lr", "eval_batch_size")
+        _check_range(self, "warmup_ratio", 0.0, 1.0)
+        _check_range(self, "weight_decay", 0.0, None)
+        _check_range(self, "grad_clip", 0.0, None)
+        _check_range(self, "extra_negatives", 0, None)
+        _check_range(self, "num_workers", 0, None)
+        _check_range(self, "early_stopping_patience", 0, None)
+        _check_positive(self, "val_check_interval")
+        for k in ("examples_per_user", "max_minutes"):
+            if getattr(self, k) is not None:
+                _check_positive(self, k)
+        _check_choice(self, "precision", PRECISIONS)
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs go and how they are tracked."""
+
+    results_dir: str = "results"
+    run_name: str | None = None  # default: <dataset>-<timestamp>
+    wandb: str = "offline"  # offline (no key, no network) | online | disabled; $WANDB_MODE wins
+    wandb_project: str = "recsys"
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        _check_choice(self, "wandb", ("offline", "online", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    """Everything `recsys train` needs; saved resolved with every run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- validation helpers (used by __post_init__; raise ValueError, turned into one-line RecsysErrors) ---------
+
+
+def _check_positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v <= 0:
+            raise ValueError(f"{n} must be > 0, got {v}")
+
+
+def _check_range(obj, name, lo, hi):
+    v = getattr(obj, name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {v}")
+
+
+def _check_choice(obj, name, choices):
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {v!r}")
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (int/float/str/bool, Optional and unions of those)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except RecsysError as e:
+                errors.append(e)
+        names = " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
+        raise RecsysError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise RecsysError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise RecsysError(f"{where}: section '{prefix.rstrip('.') or 'top level'}' must be a mapping, "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecsysError(f"{where}: unknown key '{prefix}{key}'{_suggest(str(key), fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}: {prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise RecsysError(f"{where}: {prefix}{e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["train.lr=3e-5", "data.name=ml-100k"]` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecsysError(f"override '{item}': expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecsysError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or a syntax error is one line naming file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecsysError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecsysError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecsysError(f"{p}: expected a mapping of sections (data, model, train, tracking)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    data = read_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        where = f"{where} (with overrides)" if path else "overrides"
+    return from_dict(RunConfig, data, where)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Efficiency: model shapes, cost models, gates and materialization."""

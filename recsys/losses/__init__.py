@@ -1,0 +1,1 @@
+"""Training losses: task losses, efficiency penalties, distillation."""

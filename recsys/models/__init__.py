@@ -1,0 +1,1 @@
+"""Models: the transformer encoder and the towers built on it."""

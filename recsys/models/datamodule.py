@@ -1,0 +1,82 @@
+"""LightningDataModule: (history prefix → next item) training examples and validation users, tokenized.
+
+Training examples come from the training sequences only: for user u with train sequence s, example (u, t) reads
+the history s[:t] and targets s[t] (t ≥ 1). Each epoch draws at most `examples_per_user` of a user's examples
+(a fresh draw per epoch, seeded), so an epoch's cost is controlled on datasets with long histories.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.config import DataConfig, TrainConfig
+from recsys.data.dataset import RecDataset
+from recsys.data.split import Split
+from recsys.data.text import user_text
+from recsys.models.tower import tokenize
+
+
+class RecDataModule(pl.LightningDataModule):
+    def __init__(self, dataset: RecDataset, split: Split, tokenizer, data: DataConfig, train: TrainConfig):
+        super().__init__()
+        self.dataset, self.split, self.tokenizer = dataset, split, tokenizer
+        self.data_cfg, self.train_cfg = data, train
+        self.item_texts = dataset.item_texts
+        self.train_sets = [set(s.tolist()) for s in split.train]
+        self.epoch = 0
+
+    # --- training ---------------------------------------------------------------------------------------
+    def examples(self, epoch: int) -> list[tuple[int, int]]:
+        """This epoch's (user, position) pairs: position t targets train[u][t] from history train[u][:t]."""
+        rng = np.random.default_rng([self.train_cfg.seed, epoch])
+        cap = self.train_cfg.examples_per_user
+        out = []
+        for u, seq in enumerate(self.split.train):
+            positions = np.arange(1, len(seq))
+            if cap is not None and len(positions) > cap:
+                positions = rng.choice(positions, size=cap, replace=False)
+            out.extend((u, int(t)) for t in positions)
+        return out
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.examples(0))
+        return max(1, -(-n // self.train_cfg.batch_size))
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else self.epoch
+        g = torch.Generator().manual_seed(self.train_cfg.seed * 1000 + epoch)
+        return DataLoader(self.examples(epoch), batch_size=self.train_cfg.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate_train, num_workers=self.train_cfg.num_workers, drop_last=False)
+
+    def collate_train(self, pairs: list[tuple[int, int]]) -> dict:
+        users = [u for u, _ in pairs]
+        targets = [int(self.split.train[u][t]) for u, t in pairs]
+        n = self.data_cfg.history_items
+        utexts = [user_text(self.item_texts, self.split.train[u][:t], n) for u, t in pairs]
+        negatives = []
+        if self.train_cfg.extra_negatives:
+            negatives = np.random.randint(0, self.split.n_items, size=self.train_cfg.extra_negatives).tolist()
+        items = targets + negatives
+        # false_negatives [B, B + M]: item j is in user b's training items, or is a copy of b's positive
+        fn = torch.tensor([[j in self.train_sets[u] or j == tgt for j in items] for u, tgt in zip(users, targets)])
+        max_user = self.data_cfg.train_user_max_tokens or self.data_cfg.user_max_tokens
+        return {
+            "user": tokenize(self.tokenizer, utexts, max_user),
+            "item": tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens),
+            "false_negatives": fn,
+        }
+
+    # --- validation: full ranking of the validation targets ---------------------------------------------
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.split.eval_users.tolist(), batch_size=self.train_cfg.eval_batch_size,
+                          collate_fn=lambda users: self.collate_users(users, "val"))
+
+    def user_text(self, user: int, stage: str) -> str:
+        """The text a model reads for `user` at `stage` (history up to that stage's target)."""
+        return user_text(self.item_texts, self.split.history(user, stage), self.data_cfg.history_items)
+
+    def collate_users(self, users: list[int], stage: str) -> dict:
+        texts = [self.user_text(u, stage) for u in users]
+        return {"users": torch.tensor(users), "user": tokenize(self.tokenizer, texts, self.data_cfg.user_max_tokens)}

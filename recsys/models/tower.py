@@ -1,0 +1,52 @@
+"""A tower: encoder → mean pooling over the attention mask → optional projection → L2 normalisation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class Tower(nn.Module):
+    """Text embeddings from a BERT-family encoder: [B, L] token ids → [B, d] unit vectors."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, projection_dim: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        self.dim = projection_dim or hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids, attention_mask)  # [B, L, H]
+        m = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, H]
+        if self.projection is not None:
+            pooled = self.projection(pooled)  # [B, d]
+        return F.normalize(pooled.float(), dim=-1)  # [B, d]
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(list(texts), max_length=max_tokens, truncation=True, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.inference_mode()
+def encode_texts(tower: Tower, tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int = 128,
+                 desc: str = "encode", progress: bool = True, autocast: bool = False) -> torch.Tensor:
+    """[len(texts), d] embeddings, computed in length-sorted batches (little padding), returned in input order."""
+    device = next(tower.parameters()).device
+    lengths = [len(t) for t in texts]
+    order = np.argsort(lengths, kind="stable")
+    out = torch.empty(len(texts), tower.dim)
+    was_training = tower.training
+    tower.eval()
+    for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[s:s + batch_size]
+        batch = {k: v.to(device) for k, v in tokenize(tokenizer, [texts[i] for i in idx], max_tokens).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out[torch.from_numpy(idx)] = tower(**batch).float().cpu()
+    tower.train(was_training)
+    return out

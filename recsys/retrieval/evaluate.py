@@ -1,0 +1,66 @@
+"""Full-ranking evaluation over the whole catalog — the one code path every model and baseline goes through.
+
+A scorer maps a batch of user indices to scores over all items. Validation masks the user's training items;
+test masks training items plus the validation item; the held-out target's rank gives the metrics.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recsys.data.split import Split
+from recsys.retrieval.metrics import per_user_metrics, rank_of_targets, summarize
+
+Scorer = Callable[[np.ndarray], torch.Tensor]  # user indices [B] -> scores [B, n_items]
+
+
+@dataclass
+class EvalResult:
+    stage: str
+    users: np.ndarray  # [U] evaluated user indices
+    ranks: np.ndarray  # [U] 0-based rank of the target (inf = miss)
+    per_user: dict[str, np.ndarray]  # metric -> [U]
+    metrics: dict[str, float]  # metric -> mean over users
+
+    def write_per_user(self, path: Path, user_ids: list[str] | None = None) -> None:
+        names = list(self.per_user)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["user", "rank", *names])
+            for k, u in enumerate(self.users):
+                w.writerow([user_ids[u] if user_ids else u, self.ranks[k], *(self.per_user[n][k] for n in names)])
+
+
+def history_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
+    """[B, n_items] bool: items each user has seen before `stage`'s target (train; + validation item at test)."""
+    mask = torch.zeros(len(users), split.n_items, dtype=torch.bool)
+    for row, u in enumerate(users):
+        mask[row, torch.from_numpy(split.history(int(u), stage))] = True
+    return mask
+
+
+def ranks_for_users(scores: torch.Tensor, split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
+    """Ranks [B] of `stage`'s targets for `users` given their scores [B, n_items]."""
+    targets = torch.from_numpy(split.target(stage)[users])
+    return rank_of_targets(scores, targets.to(scores.device), history_mask(split, users, stage).to(scores.device))
+
+
+def evaluate(scorer: Scorer, split: Split, stage: str, batch_size: int = 256, desc: str | None = None,
+             progress: bool = True) -> EvalResult:
+    """Rank every evaluated user's `stage` target among all items with `scorer`, in user batches."""
+    users = split.eval_users
+    ranks = []
+    batches = range(0, len(users), batch_size)
+    for s in tqdm(batches, desc=desc or f"rank {stage}", disable=not progress, leave=False):
+        b = users[s:s + batch_size]
+        with torch.inference_mode():
+            ranks.append(ranks_for_users(scorer(b), split, b, stage).cpu())
+    r = torch.cat(ranks).numpy() if ranks else np.zeros(0)
+    per_user = per_user_metrics(r)
+    return EvalResult(stage, users, r, per_user, summarize(per_user))

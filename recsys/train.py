@@ -1,0 +1,213 @@
+"""The train and evaluate recipes: typed functions behind `recsys train` and `recsys evaluate`.
+
+`train(cfg)` fits a two-tower model, keeps the best checkpoint by validation NDCG@10, evaluates it on the test
+split and writes `results/runs/<name>/` (resolved config, metrics, per-user metrics, CSV log, checkpoint,
+environment record). A notebook can call these functions directly.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from recsys.config import RunConfig, DataConfig, from_dict, read_yaml, save_config
+from recsys.data.dataset import RecDataset
+from recsys.data.split import Split, leave_last_out
+from recsys.errors import RecsysError
+from recsys.retrieval.evaluate import EvalResult, evaluate
+from recsys.tracking.records import environment_record, markdown_table, staged_dir, write_json
+
+METRIC_COLUMNS = ["ndcg@10", "recall@10", "mrr@10", "ndcg@20", "recall@20"]
+
+
+def load_data(cfg: DataConfig) -> tuple[RecDataset, Split]:
+    from recsys.data.registry import load_dataset
+    ds = load_dataset(cfg.name, path=cfg.path, data_dir=cfg.data_dir, seed=cfg.seed, min_rating=cfg.min_rating)
+    split = leave_last_out(ds)
+    if len(split.eval_users) == 0:
+        raise RecsysError(f"dataset '{cfg.name}': no user has the 3 interactions needed for evaluation")
+    return ds, split
+
+
+def dataset_slug(cfg: DataConfig) -> str:
+    return cfg.name.replace(":", "_").replace("/", "_")
+
+
+def evaluate_module(module, dm, stage: str, progress: bool = True) -> EvalResult:
+    """Full-ranking evaluation of a two-tower module: items encoded once, users in batches."""
+    from recsys.models.tower import encode_texts
+    bs = module.train_cfg.eval_batch_size
+    items = encode_texts(module.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens, bs,
+                         desc="encode items", progress=progress)
+    users = dm.split.eval_users
+    texts = [dm.user_text(int(u), stage) for u in users]
+    user_emb = encode_texts(module.user_tower, dm.tokenizer, texts, dm.data_cfg.user_max_tokens, bs,
+                            desc=f"encode users ({stage})", progress=progress)
+    row = np.full(dm.split.n_users, -1)
+    row[users] = np.arange(len(users))
+    return evaluate(lambda b: user_emb[row[b]] @ items.T, dm.split, stage, bs, progress=progress)
+
+
+class Throughput(pl.Callback):
+    """Times training batches: examples/s of the optimisation steps, validation excluded."""
+
+    def __init__(self):
+        self.examples, self.seconds, self._t = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._t
+        self.examples += batch["user"]["input_ids"].shape[0]
+
+    @property
+    def rate(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
+    from pytorch_lightning.loggers import CSVLogger
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="log")]
+    mode = os.environ.get("WANDB_MODE", cfg.tracking.wandb)
+    if mode != "disabled":
+        from pytorch_lightning.loggers import WandbLogger
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(project=cfg.tracking.wandb_project, name=name, save_dir=str(run_dir),
+                                   config=cfg.to_dict()))
+    return loggers
+
+
+def train(cfg: RunConfig) -> dict:
+    """Fit, select the best checkpoint on validation NDCG@10, test it, and write the run folder."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from recsys.models.datamodule import RecDataModule
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+    from recsys.models.two_tower import MONITOR, TwoTowerModule
+
+    ds, split = load_data(cfg.data)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train))
+    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)
+    name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    final = Path(cfg.tracking.results_dir) / "runs" / name
+    progress = cfg.tracking.progress_bar
+    with staged_dir(final) as run_dir:
+        save_config(cfg, run_dir / "config.yaml")
+        ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+                               save_top_k=1, save_weights_only=True)
+        speed = Throughput()
+        callbacks = [ckpt, speed, EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience)]
+        vci = cfg.train.val_check_interval
+        trainer = pl.Trainer(
+            max_epochs=cfg.train.epochs, max_time=({"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None),
+            accelerator=cfg.train.accelerator, devices=cfg.train.devices, strategy=cfg.train.strategy,
+            precision=cfg.train.precision, gradient_clip_val=cfg.train.grad_clip or None,
+            val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,
+            reload_dataloaders_every_n_epochs=1, logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
+            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+            default_root_dir=str(run_dir), deterministic=False,
+        )
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        fit_minutes = (time.perf_counter() - t0) / 60
+        if not trainer.is_global_zero:
+            return {}
+        best = ckpt.best_model_path
+        if best:
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        module.to("cpu")
+        val = evaluate_module(module, dm, "val", progress)
+        test = evaluate_module(module, dm, "test", progress)
+        test.write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
+        val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
+        metrics = {"val": val.metrics, "test": test.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
+                   "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
+                   "train_examples_per_s": speed.rate, "evaluated_users": int(len(test.users))}
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
+        for lg in trainer.loggers:
+            lg.finalize("success")
+    return {"run_dir": str(final), **metrics}
+
+
+# --- evaluate -----------------------------------------------------------------------------------------------
+
+def _run_paths(target: str | Path) -> tuple[Path, Path]:
+    p = Path(target)
+    if p.is_file() and p.suffix == ".ckpt":
+        return p.parent.parent, p
+    if p.is_dir():
+        ckpt = p / "checkpoints" / "best.ckpt"
+        if not (p / "config.yaml").is_file():
+            raise RecsysError(f"{p}: not a run folder (no config.yaml)")
+        if not ckpt.is_file():
+            raise RecsysError(f"{p}: run has no checkpoint ({ckpt} missing)")
+        return p, ckpt
+    raise RecsysError(f"run not found: {p} (expected a run folder under results/runs/ or a .ckpt file)")
+
+
+def load_checkpoint_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["state_dict"]
+    except Exception as e:  # any unpickling/zip error: the file is not a checkpoint we wrote
+        raise RecsysError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+
+
+def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True) -> EvalResult:
+    """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config."""
+    from recsys.models.datamodule import RecDataModule
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+    from recsys.models.two_tower import TwoTowerModule
+
+    if stage not in ("val", "test"):
+        raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
+    run_dir, ckpt = _run_paths(target)
+    cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    state = load_checkpoint_state(ckpt)
+    ds, split = load_data(cfg.data)
+    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise RecsysError(f"{ckpt}: weights do not match the run's model ({str(e).splitlines()[0]})") from None
+    dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
+    return evaluate_module(module, dm, stage, progress)
+
+
+def read_per_user(path: str | Path, metric: str) -> dict[str, float]:
+    """{user id: value} of one metric from a per-user CSV written by a run or a baseline."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "per_user_test.csv"
+    if not p.is_file():
+        raise RecsysError(f"per-user metrics not found: {p}")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and metric not in rows[0]:
+        raise RecsysError(f"{p}: no column '{metric}'")
+    return {r["user"]: float(r[metric]) for r in rows}
+
+
+def results_table(rows: list[dict]) -> str:
+    return markdown_table(rows, ["model", *METRIC_COLUMNS])
+
+
+def baseline_rows(cfg: RunConfig) -> list[dict]:
+    """The baselines' test metrics for this dataset, if `recsys baselines` has been run."""
+    import json
+    path = Path(cfg.tracking.results_dir) / "baselines" / dataset_slug(cfg.data) / "baselines.json"
+    if not path.is_file():
+        return []
+    return [{"model": k, **v} for k, v in json.loads(path.read_text())["models"].items()]
