@@ -30,13 +30,16 @@ class DataConfig:
     data_dir: str | None = None  # root of downloaded datasets (default: $RECSYS_DATA_DIR or ./data)
     min_rating: float | None = None  # keep only interactions rated >= this (implicit feedback: None keeps all)
     seed: int = 0  # synthetic data seed
+    synthetic_users: int = 1000  # synthetic data size
+    synthetic_items: int = 2000
     history_items: int = 10  # N most recent history items in the user text, most recent first
     user_max_tokens: int = 128  # user-text length at evaluation
     train_user_max_tokens: int | None = None  # user-text length while training (None = user_max_tokens)
     item_max_tokens: int = 64
 
     def __post_init__(self):
-        _check_positive(self, "history_items", "user_max_tokens", "item_max_tokens")
+        _check_positive(self, "history_items", "user_max_tokens", "item_max_tokens", "synthetic_users",
+                        "synthetic_items")
         if self.train_user_max_tokens is not None:
             _check_positive(self, "train_user_max_tokens")
 
@@ -150,9 +153,9 @@ def _check_choice(obj, name, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {v!r}")
 
 
-def _suggest(key: str, valid) -> str:
+def _suggest(key: str, valid, prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -179,6 +182,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -197,7 +205,7 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise RecsysError(f"{where}: unknown key '{prefix}{key}'{_suggest(str(key), fields)}")
+            raise RecsysError(f"{where}: unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, where, f"{prefix}{key}.")

@@ -29,7 +29,9 @@ METRIC_COLUMNS = ["ndcg@10", "recall@10", "mrr@10", "ndcg@20", "recall@20"]
 
 def load_data(cfg: DataConfig) -> tuple[RecDataset, Split]:
     from recsys.data.registry import load_dataset
-    ds = load_dataset(cfg.name, path=cfg.path, data_dir=cfg.data_dir, seed=cfg.seed, min_rating=cfg.min_rating)
+    extra = {"n_users": cfg.synthetic_users, "n_items": cfg.synthetic_items} if cfg.name == "synthetic" else {}
+    ds = load_dataset(cfg.name, path=cfg.path, data_dir=cfg.data_dir, seed=cfg.seed, min_rating=cfg.min_rating,
+                      **extra)
     split = leave_last_out(ds)
     if len(split.eval_users) == 0:
         raise RecsysError(f"dataset '{cfg.name}': no user has the 3 interactions needed for evaluation")

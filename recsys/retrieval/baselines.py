@@ -89,9 +89,10 @@ def run_ease(split: Split, grid=EASE_LAMBDAS, progress: bool = True) -> tuple[Ev
     return test, {"lambda": info["value"], "val": info["val"]}
 
 
-def zero_shot_scorer(dataset, split: Split, stage: str, data_cfg, encoder: str = "minilm", batch_size: int = 128,
-                     progress: bool = True):
-    """The untrained encoder on the same user/item texts as the two-tower (mean pooling, cosine)."""
+def zero_shot_scorers(dataset, split: Split, data_cfg, encoder: str = "minilm", batch_size: int = 128,
+                      progress: bool = True) -> dict:
+    """{stage: scorer} of the untrained encoder on the same user/item texts as the two-tower (mean pooling,
+    cosine); items are encoded once for both stages."""
     from recsys.data.text import user_text
     from recsys.models.encoder import BertEncoder, load_tokenizer, resolve_model_path
     from recsys.models.tower import Tower, encode_texts
@@ -102,20 +103,22 @@ def zero_shot_scorer(dataset, split: Split, stage: str, data_cfg, encoder: str =
     items = encode_texts(tower, tok, dataset.item_texts, data_cfg.item_max_tokens, batch_size,
                          desc="zero-shot items", progress=progress)
     users = split.eval_users
-    texts = [user_text(dataset.item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
-    user_emb = encode_texts(tower, tok, texts, data_cfg.user_max_tokens, batch_size, desc="zero-shot users",
-                            progress=progress)
     row = np.full(split.n_users, -1)
     row[users] = np.arange(len(users))
-    return lambda b: user_emb[row[b]] @ items.T
+    scorers = {}
+    for stage in ("val", "test"):
+        texts = [user_text(dataset.item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
+        emb = encode_texts(tower, tok, texts, data_cfg.user_max_tokens, batch_size, desc=f"zero-shot users {stage}",
+                           progress=progress)
+        scorers[stage] = lambda b, emb=emb: emb[row[b]] @ items.T
+    return scorers
 
 
 def run_zero_shot(dataset, split: Split, data_cfg, encoder: str = "minilm",
                   progress: bool = True) -> tuple[EvalResult, dict]:
-    val = evaluate(zero_shot_scorer(dataset, split, "val", data_cfg, encoder, progress=progress), split, "val",
-                   progress=progress)
-    test = evaluate(zero_shot_scorer(dataset, split, "test", data_cfg, encoder, progress=progress), split, "test",
-                    progress=progress)
+    scorers = zero_shot_scorers(dataset, split, data_cfg, encoder, progress=progress)
+    val = evaluate(scorers["val"], split, "val", progress=progress)
+    test = evaluate(scorers["test"], split, "test", progress=progress)
     return test, {"encoder": encoder, "val": val.metrics}
 
 

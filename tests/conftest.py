@@ -1,0 +1,40 @@
+"""Shared fixtures: offline hub, W&B disabled, a tiny real BERT checkpoint with MiniLM's tokenizer."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub are imported
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random 2-layer BERT (hidden 32, 4 heads, FFN 64) with the real MiniLM WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from recsys.models.encoder import resolve_model_path
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=512)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def small_synthetic_args(tmp_path, tiny_model) -> list[str]:
+    """Overrides for a fast end-to-end run: small synthetic data, tiny BERT, results under tmp_path."""
+    return [f"model.encoder={tiny_model}", "data.synthetic_users=120", "data.synthetic_items=150",
+            "data.user_max_tokens=32", "data.item_max_tokens=16", "train.epochs=2", "train.batch_size=32",
+            "train.examples_per_user=2", "train.lr=1e-3", f"tracking.results_dir={tmp_path / 'results'}",
+            "tracking.progress_bar=false", "tracking.wandb=disabled", "tracking.run_name=t"]
