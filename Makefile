@@ -11,11 +11,12 @@ setup: $(VENV)/.installed
 
 # torch first (the CPU wheel), then everything else constrained to it so nothing pulls a CUDA build.
 # GPU machines: `make setup TORCH=torch` after installing your own CUDA torch into .venv (see README).
-$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+$(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 # The main job on the embedded default: baselines + a MiniLM two-tower on the synthetic dataset.
@@ -27,7 +28,7 @@ test: setup
 	WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check recsys tests experiments
+	$(BIN)/ruff check --line-length 120 --select E,F,W,I,B recsys tests experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache

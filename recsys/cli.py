@@ -49,9 +49,9 @@ def cmd_data(args) -> None:
 
 
 def cmd_baselines(args) -> None:
+    cfg = _config(args)  # validate before the heavy imports
     from recsys.retrieval.baselines import run_baselines
     from recsys.train import results_table
-    cfg = _config(args)
     models = tuple(m.strip() for m in args.models.split(",")) if args.models else None
     out = run_baselines(cfg, **({"models": models} if models else {}), progress=cfg.tracking.progress_bar)
     print(f"\n{cfg.data.name} — test split, full ranking\n")
@@ -59,8 +59,8 @@ def cmd_baselines(args) -> None:
 
 
 def cmd_train(args) -> None:
+    cfg = _config(args)  # validate before the heavy imports
     from recsys.train import baseline_rows, results_table, train
-    cfg = _config(args)
     out = train(cfg)
     if not out:  # non-zero ranks of a multi-process run
         return
@@ -79,7 +79,7 @@ def cmd_evaluate(args) -> None:
         other = read_per_user(args.compare, args.metric)
         col = res.per_user[args.metric]
         ids = _user_ids(args.run)
-        mine = dict(zip([ids[u] for u in res.users], col))
+        mine = dict(zip([ids[u] for u in res.users], col, strict=True))
         common = sorted(set(mine) & set(other))
         if len(common) != len(mine):
             raise RecsysError(f"{args.compare}: evaluated users differ from {args.run} ({len(common)} in common of "

@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     grad_clip: float = 1.0
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed | bf16-true (Lightning precision; bf16 needs AVX512-BF16/AMX or a GPU)
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed | bf16-true (Lightning; bf16 needs AVX512-BF16/AMX or a GPU)
     examples_per_user: int | None = 20  # per-epoch cap on (history prefix -> next item) examples per user
     extra_negatives: int = 0  # random catalog items added as negatives to every batch
     val_check_interval: float = 1.0  # fraction of an epoch (<=1) or a number of steps (>1) between validations
@@ -102,6 +102,11 @@ class TrainConfig:
             if getattr(self, k) is not None:
                 _check_positive(self, k)
         _check_choice(self, "precision", PRECISIONS)
+        _check_choice(self, "accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        d = self.devices
+        if not ((isinstance(d, int) and (d > 0 or d == -1)) or d == "auto"
+                or (isinstance(d, str) and all(p.strip().isdigit() for p in d.split(",")))):
+            raise ValueError(f"devices must be a count > 0, -1 (all), 'auto' or device ids like '0,1'; got {d!r}")
 
 
 @dataclass
@@ -250,8 +255,14 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise RecsysError(f"config file not found: {p}")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecsysError(f"{p}:{line}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

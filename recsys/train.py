@@ -17,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from recsys.config import RunConfig, DataConfig, from_dict, read_yaml, save_config
+from recsys.config import DataConfig, RunConfig, from_dict, read_yaml, save_config
 from recsys.data.dataset import RecDataset
 from recsys.data.split import Split, leave_last_out
 from recsys.errors import RecsysError
@@ -88,6 +88,16 @@ def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
     return loggers
 
 
+def _trainer(**kwargs) -> pl.Trainer:
+    """A Lightning Trainer; options Lightning rejects (accelerator, devices, strategy, precision) are user errors."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    try:
+        return pl.Trainer(**kwargs)
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise RecsysError(f"train.accelerator/devices/strategy/precision: Lightning rejected them ({msg})") from None
+
+
 def train(cfg: RunConfig) -> dict:
     """Fit, select the best checkpoint on validation NDCG@10, test it, and write the run folder."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -111,8 +121,9 @@ def train(cfg: RunConfig) -> dict:
         speed = Throughput()
         callbacks = [ckpt, speed, EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience)]
         vci = cfg.train.val_check_interval
-        trainer = pl.Trainer(
-            max_epochs=cfg.train.epochs, max_time=({"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None),
+        trainer = _trainer(
+            max_epochs=cfg.train.epochs,
+            max_time=({"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None),
             accelerator=cfg.train.accelerator, devices=cfg.train.devices, strategy=cfg.train.strategy,
             precision=cfg.train.precision, gradient_clip_val=cfg.train.grad_clip or None,
             val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,

@@ -1,13 +1,16 @@
-"""Bad input through the real CLI: one `error:` line on stderr, exit code 2, no traceback, nothing half-written.
+"""Bad input through the real CLI: one `error:` line on stderr, exit code 2, no traceback, nothing
+half-written.
 
-Most cases call `recsys.cli.main` in-process (fast); a few run `python -m recsys.cli` as a real process to show
-the same holds at the process level. Nothing here trains a model: every `recsys train` case fails before fitting.
+Most cases call `recsys.cli.main` in-process (fast); a few run `python -m recsys.cli` as a real process to
+show the same holds at the process level. Nothing here trains a model: every `recsys train` case fails
+before fitting. Known bugs are `xfail(strict=True)`: fixing one turns its test red until the mark goes.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from recsys.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- helpers --------------------------------------------------------------------------------------------------
+# --- helpers ------------------------------------------------------------------------------------------------
 
 
 def one_error_line(err: str) -> str:
@@ -78,7 +81,7 @@ def custom(folder: Path, interactions: str | bytes, items: str = ITEMS) -> Path:
     return folder
 
 
-# --- config file ----------------------------------------------------------------------------------------------
+# --- config file --------------------------------------------------------------------------------------------
 
 
 def test_missing_config_file(capsys, tmp_path, results):
@@ -111,14 +114,13 @@ def test_config_file_structure(capsys, tmp_path, results, text, needles):
     assert_contains(line, *needles)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_yaml lets UnicodeDecodeError through (traceback, exit 1)")
 def test_config_file_not_utf8(capsys, tmp_path, results):
     cfg = write(tmp_path / "latin.yaml", b"train:\n  lr: 0.1\n# caf\xe9\n")
     line = fails(capsys, "train", "--config", cfg, f"tracking.results_dir={results}")
     assert_contains(line, "latin.yaml")
 
 
-# --- overrides ------------------------------------------------------------------------------------------------
+# --- overrides ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("override, needles", [
@@ -152,7 +154,7 @@ def test_bad_override_with_config_names_the_file(capsys, results):
     assert_contains(line, "synthetic.yaml", "train.batch_size", "expected int")
 
 
-# --- command line ---------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -171,7 +173,7 @@ def test_bad_command_line(capsys, argv, needles):
     assert_contains(fails(capsys, *argv), *needles)
 
 
-# --- datasets -------------------------------------------------------------------------------------------------
+# --- datasets -----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -187,7 +189,8 @@ def test_bad_dataset_for_commands_that_write(capsys, results, argv, needles):
 
 
 def test_unknown_dataset_for_data_stats(capsys):
-    assert_contains(fails(capsys, "data", "stats", "ml100k"), "unknown dataset 'ml100k'", "did you mean 'ml-100k'")
+    line = fails(capsys, "data", "stats", "ml100k")
+    assert_contains(line, "unknown dataset 'ml100k'", "did you mean 'ml-100k'")
 
 
 def test_missing_data_folder(capsys, tmp_path):
@@ -238,11 +241,10 @@ def test_malformed_custom_items(capsys, tmp_path, items, needles):
     assert_contains(fails(capsys, "data", "stats", "custom", "--path", folder), *needles)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-UTF-8 byte is reported at line 0, not the line holding it")
 def test_custom_not_utf8_names_the_line(capsys, tmp_path):
     folder = custom(tmp_path / "mine", b"user_id,item_id,timestamp\nu1,i1,100\nu\xff1,i2,200\n")
     line = fails(capsys, "data", "stats", "custom", "--path", folder)
-    assert_contains(line, "interactions.csv:3:", "utf-8")
+    assert_contains(line, "interactions.csv:3:", "UTF-8")
 
 
 def test_malformed_movielens_row(capsys, tmp_path):
@@ -263,7 +265,8 @@ def test_bad_custom_data_writes_no_results(capsys, tmp_path, results, verb):
 
 def test_too_few_interactions_to_evaluate(capsys, tmp_path, results):
     folder = custom(tmp_path / "mine", "user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\nu2,i3,3\n")
-    line = fails(capsys, "baselines", "--dataset", "custom", "--path", folder, f"tracking.results_dir={results}")
+    line = fails(capsys, "baselines", "--dataset", "custom", "--path", folder,
+                 f"tracking.results_dir={results}")
     assert_contains(line, "custom", "3 interactions")
 
 
@@ -273,7 +276,7 @@ def test_unknown_baseline(capsys, results):
     assert_contains(line, "unknown baseline 'nope'", "popularity", "ease")
 
 
-# --- models ---------------------------------------------------------------------------------------------------
+# --- models -------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +285,8 @@ def distilbert_dir(tmp_path_factory, tiny_model) -> str:
     from transformers import DistilBertConfig, DistilBertModel
 
     path = tmp_path_factory.mktemp("distilbert")
-    cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+    cfg = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64)
     DistilBertModel(cfg).save_pretrained(path)
     for f in Path(tiny_model).iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
@@ -318,7 +322,6 @@ def test_train_with_unsupported_architecture(capsys, small_synthetic_args, tmp_p
     assert files_under(tmp_path / "results") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Lightning Trainer arguments are not validated (traceback, exit 1)")
 @pytest.mark.parametrize("override", ["train.devices=abc", "train.accelerator=tpu_please"])
 def test_train_with_bad_trainer_option(capsys, small_synthetic_args, tmp_path, override):
     line = fails(capsys, "train", *small_synthetic_args, override)
@@ -326,7 +329,7 @@ def test_train_with_bad_trainer_option(capsys, small_synthetic_args, tmp_path, o
     assert files_under(tmp_path / "results") == []
 
 
-# --- evaluate -------------------------------------------------------------------------------------------------
+# --- evaluate -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -390,12 +393,12 @@ def test_evaluate_run_with_bad_config(capsys, fake_run):
     assert_contains(line, str(cfg), "unknown key 'train.batch_sise'", "did you mean 'train.batch_size'")
 
 
-# --- download -------------------------------------------------------------------------------------------------
+# --- download -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    """A loopback HTTP server for the files in tmp_path/served; yields its base URL."""
+    """A loopback HTTP server; yields (the folder it serves, its base URL)."""
     monkeypatch.setenv("no_proxy", "*")
     monkeypatch.setenv("NO_PROXY", "*")
     root = tmp_path / "served"
@@ -422,19 +425,27 @@ def zip_of(path: Path, members: dict[str, str]) -> str:
 GOOD = {"ml-100k/u.data": "1\t1\t5\t10\n", "ml-100k/u.item": "1|A|x||u|0\n", "ml-100k/u.genre": "unknown|0\n"}
 
 
-@pytest.mark.parametrize("case", ["escaping-member", "absolute-member", "checksum", "not-a-zip", "http-404"])
-def test_download_refuses_and_leaves_nothing(capsys, tmp_path, server, monkeypatch, case):
-    from recsys.data import download
+TQDM_BAR = re.compile(r"^[\w.\-]+: +\d+%\|")
 
-    root, base = server
+
+def without_progress_bars(err: str) -> str:
+    """`err` less tqdm's download bars (redrawn with \\r, ended by \\n), which are not error lines."""
+    return "".join(ln for ln in re.split(r"(?<=\n)", err.replace("\r", "\n")) if not TQDM_BAR.match(ln)
+                   and ln != "\n")
+
+
+def download_case(root: Path, base: str, case: str):
+    """Serve ml-100k.zip broken as `case`; return (its Source, needles the error line must contain)."""
+    from recsys.data.download import Source
+
     url = f"{base}/ml-100k.zip"
     md5 = None
     if case == "escaping-member":
         zip_of(root / "ml-100k.zip", {**GOOD, "ml-100k/../../evil.txt": "gotcha"})
-        needles = ["refusing archive member 'ml-100k/../../evil.txt'", "escapes"]
+        needles = [url, "refusing archive member 'ml-100k/../../evil.txt'", "escapes the target folder"]
     elif case == "absolute-member":
         zip_of(root / "ml-100k.zip", {**GOOD, "/tmp/evil.txt": "gotcha"})
-        needles = ["refusing archive member '/tmp/evil.txt'", "absolute"]
+        needles = [url, "refusing archive member '/tmp/evil.txt'", "absolute path"]
     elif case == "checksum":
         real = zip_of(root / "ml-100k.zip", GOOD)
         md5 = "0" * 32
@@ -444,18 +455,32 @@ def test_download_refuses_and_leaves_nothing(capsys, tmp_path, server, monkeypat
         needles = [url, "cannot unpack"]
     else:
         needles = [url, "HTTP 404"]
-    monkeypatch.setitem(download.URLS, "ml-100k", [download.Source(url, md5)])
+    return Source(url, md5), needles
+
+
+@pytest.mark.parametrize("case", ["escaping-member", "absolute-member", "checksum", "not-a-zip", "http-404"])
+def test_download_refuses_and_leaves_nothing(capsys, tmp_path, server, monkeypatch, case):
+    from recsys.data import download
+
+    source, needles = download_case(*server, case)
+    monkeypatch.setitem(download.URLS, "ml-100k", [source])  # configuration: where ml-100k is fetched from
     data = tmp_path / "data"
     rc = main(["data", "download", "ml-100k", "--data-dir", str(data)])
     out, err = capsys.readouterr()
-    # the download progress bar (tqdm, on stderr) is not an error line; the error is the last line
-    err_lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "ml-100k.zip" not in ln[:20]
-                 and "archive.zip" not in ln[:20]]
-    line = one_error_line("\n".join(err_lines) + "\n")
-    assert rc == 2 and out == "" and "Traceback" not in err
+    assert "Traceback" not in err
+    line = one_error_line(without_progress_bars(err))
+    assert rc == 2 and out == ""
     assert_contains(line, *needles)
-    assert files_under(data) == [] and [p for p in data.rglob("*")] == [] if data.exists() else True
-    assert not (tmp_path / "evil.txt").exists()
+    assert not data.exists() or list(data.iterdir()) == []  # no dataset folder, no temp folder, no .part
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "served" / "evil.txt").exists()
+
+
+def test_download_error_is_the_only_stderr_line(capsys, tmp_path, server, monkeypatch):
+    from recsys.data import download
+
+    source, needles = download_case(*server, "checksum")
+    monkeypatch.setitem(download.URLS, "ml-100k", [source])
+    assert_contains(fails(capsys, "data", "download", "ml-100k", "--data-dir", tmp_path / "data"), *needles)
 
 
 def test_download_not_downloadable(capsys, tmp_path):
@@ -464,14 +489,13 @@ def test_download_not_downloadable(capsys, tmp_path):
     assert files_under(tmp_path / "data") == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: download() creates the data dir outside its OSError guard")
 def test_download_into_a_file(capsys, tmp_path):
     f = write(tmp_path / "not_a_dir", "x")
     line = fails(capsys, "data", "download", "ml-100k", "--data-dir", f)
     assert_contains(line, str(f))
 
 
-# --- real processes -------------------------------------------------------------------------------------------
+# --- real processes -----------------------------------------------------------------------------------------
 
 
 def run_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -5,8 +5,14 @@ import scipy.sparse as sp
 from recsys.data.dataset import build_dataset
 from recsys.data.split import leave_last_out
 from recsys.data.synthetic import generate
-from recsys.retrieval.baselines import (ease_weights, itemknn_weights, popularity_scores, run_ease, run_itemknn,
-                                        run_popularity)
+from recsys.retrieval.baselines import (
+    ease_weights,
+    itemknn_weights,
+    popularity_scores,
+    run_ease,
+    run_itemknn,
+    run_popularity,
+)
 
 
 def _x():

@@ -1,6 +1,5 @@
 """The embedded default dataset: deterministic, and its text genuinely predicts preference."""
 import numpy as np
-import pytest
 
 from recsys.config import DataConfig
 from recsys.data.split import leave_last_out
@@ -9,7 +8,7 @@ from recsys.retrieval.baselines import run_popularity, run_zero_shot
 
 
 def test_deterministic_from_seed_and_different_across_seeds():
-    a, b, c = generate(seed=3, n_users=80, n_items=120), generate(seed=3, n_users=80, n_items=120), generate(seed=4, n_users=80, n_items=120)
+    a, b, c = (generate(seed=s, n_users=80, n_items=120) for s in (3, 3, 4))
     assert a.item_texts == b.item_texts and np.array_equal(a.items, b.items) and np.array_equal(a.users, b.users)
     assert a.item_texts != c.item_texts
     assert a.n_items == 120 and a.n_users == 80

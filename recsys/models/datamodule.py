@@ -60,7 +60,8 @@ class RecDataModule(pl.LightningDataModule):
             negatives = np.random.randint(0, self.split.n_items, size=self.train_cfg.extra_negatives).tolist()
         items = targets + negatives
         # false_negatives [B, B + M]: item j is in user b's training items, or is a copy of b's positive
-        fn = torch.tensor([[j in self.train_sets[u] or j == tgt for j in items] for u, tgt in zip(users, targets)])
+        fn = torch.tensor([[j in self.train_sets[u] or j == tgt for j in items]
+                           for u, tgt in zip(users, targets, strict=True)])
         max_user = self.data_cfg.train_user_max_tokens or self.data_cfg.user_max_tokens
         return {
             "user": tokenize(self.tokenizer, utexts, max_user),
