@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -21,7 +20,7 @@ from recsys.config import DataConfig, RunConfig, from_dict, read_yaml, save_conf
 from recsys.data.dataset import RecDataset
 from recsys.data.split import Split, leave_last_out
 from recsys.errors import RecsysError
-from recsys.retrieval.evaluate import EvalResult, evaluate
+from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
 from recsys.tracking.records import environment_record, markdown_table, staged_dir, write_json
 
 METRIC_COLUMNS = ["ndcg@10", "recall@10", "mrr@10", "ndcg@20", "recall@20"]
@@ -52,9 +51,8 @@ def evaluate_module(module, dm, stage: str, progress: bool = True) -> EvalResult
     texts = [dm.user_text(int(u), stage) for u in users]
     user_emb = encode_texts(module.user_tower, dm.tokenizer, texts, dm.data_cfg.user_max_tokens, bs,
                             desc=f"encode users ({stage})", progress=progress)
-    row = np.full(dm.split.n_users, -1)
-    row[users] = np.arange(len(users))
-    return evaluate(lambda b: user_emb[row[b]] @ items.T, dm.split, stage, bs, progress=progress)
+    scorer = embedding_scorer(user_emb, users, dm.split.n_users, items)
+    return evaluate(scorer, dm.split, stage, bs, progress=progress)
 
 
 class Throughput(pl.Callback):

@@ -15,6 +15,7 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from recsys.config import ModelConfig, TrainConfig, from_dict
+from recsys.errors import RecsysError
 from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
 from recsys.models.tower import Tower, encode_texts
@@ -41,7 +42,6 @@ class TwoTowerModule(pl.LightningModule):
         self.item_tower = (build_tower(self.model_cfg.item_encoder or self.model_cfg.encoder, self.model_cfg)
                            if separate else self.user_tower)
         if self.user_tower.dim != self.item_tower.dim:
-            from recsys.errors import RecsysError
             raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {self.item_tower.dim}; "
                               "set model.projection_dim")
         log_t = torch.tensor(math.log(self.model_cfg.temperature))

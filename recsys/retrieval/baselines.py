@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from recsys.data.split import Split
-from recsys.retrieval.evaluate import EvalResult, evaluate
+from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
 
 KNN_KS = (50, 100, 200, None)  # None = all neighbours
 EASE_LAMBDAS = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -103,14 +103,12 @@ def zero_shot_scorers(dataset, split: Split, data_cfg, encoder: str = "minilm", 
     items = encode_texts(tower, tok, dataset.item_texts, data_cfg.item_max_tokens, batch_size,
                          desc="zero-shot items", progress=progress)
     users = split.eval_users
-    row = np.full(split.n_users, -1)
-    row[users] = np.arange(len(users))
     scorers = {}
     for stage in ("val", "test"):
         texts = [user_text(dataset.item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
         emb = encode_texts(tower, tok, texts, data_cfg.user_max_tokens, batch_size, desc=f"zero-shot users {stage}",
                            progress=progress)
-        scorers[stage] = lambda b, emb=emb: emb[row[b]] @ items.T
+        scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
     return scorers
 
 

@@ -37,6 +37,13 @@ class EvalResult:
                 w.writerow([user_ids[u] if user_ids else u, self.ranks[k], *(self.per_user[n][k] for n in names)])
 
 
+def embedding_scorer(user_emb: torch.Tensor, users: np.ndarray, n_users: int, item_emb: torch.Tensor) -> Scorer:
+    """Dot-product scorer over precomputed embeddings: user_emb [U, d] of `users`, item_emb [N, d]."""
+    row = np.full(n_users, -1)
+    row[users] = np.arange(len(users))
+    return lambda batch: user_emb[row[batch]] @ item_emb.T  # [B, N]
+
+
 def history_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
     """[B, n_items] bool: items each user has seen before `stage`'s target (train; + validation item at test)."""
     mask = torch.zeros(len(users), split.n_items, dtype=torch.bool)
