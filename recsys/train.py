@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -111,6 +112,8 @@ def train(cfg: RunConfig) -> dict:
     dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)
     name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     final = Path(cfg.tracking.results_dir) / "runs" / name
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # a DDP worker process: rank 0 alone writes the run
+        final = Path(tempfile.mkdtemp(prefix="recsys-rank-")) / name
     progress = cfg.tracking.progress_bar
     with staged_dir(final) as run_dir:
         save_config(cfg, run_dir / "config.yaml")
