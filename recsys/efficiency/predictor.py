@@ -1,0 +1,202 @@
+"""Latency predictor: per-operator lookup tables measured on this device, interpolated and summed.
+
+Tables (batch 1, the online case): attention block at h heads × sequence length L, FFN block at n neurons × L,
+embeddings at L, pooling at L, projection at d_out, and exact catalog scoring at N items × d. A shape's
+latency is the sum over its layers plus a constant overhead calibrated on the dense model. The soft form
+(`predict_soft`) interpolates at the expected head/neuron counts and weights each block by its presence
+probability, so it is differentiable in the gate probabilities (the λ-latency penalty uses it).
+
+Tables are cached on disk under a key of hardware, threads, dtype and torch version; a different key
+rebuilds them (with a progress bar). Building takes about a minute for MiniLM-sized grids.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recsys.efficiency.cost import SoftShape
+from recsys.efficiency.latency import exclusive, measure, retrieval_call, threads
+from recsys.efficiency.shape import LayerShape, Shape
+from recsys.tracking.records import cpu_model
+
+CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
+SEQ_GRID = (16, 32, 64, 128, 256)
+
+
+def _interp(grid: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of values [G] on an increasing grid [G] at x (differentiable in x)."""
+    x = x.clamp(grid[0], grid[-1])
+    i = torch.searchsorted(grid, x.detach().reshape(-1), right=True).clamp(1, len(grid) - 1).reshape(x.shape)
+    x0, x1, y0, y1 = grid[i - 1], grid[i], values[i - 1], values[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _interp2(grid_a, grid_l, table, a, seq_len: int) -> torch.Tensor:
+    """Interpolate table [A, L] at (a, seq_len): first along L (fixed), then along a (differentiable)."""
+    col = torch.stack([_interp(grid_l, table[r], torch.tensor(float(seq_len), dtype=table.dtype))
+                       for r in range(table.shape[0])])  # [A]
+    return _interp(grid_a, col, a)
+
+
+@dataclass
+class LatencyTables:
+    """Measured milliseconds per operator; `key` names the device and conditions they hold for."""
+
+    key: dict
+    hidden: int
+    head_dim: int
+    seq: list[int]
+    heads: list[int]
+    attn_ms: list[list[float]]  # [heads, seq]
+    neurons: list[int]
+    ffn_ms: list[list[float]]  # [neurons, seq]
+    embed_ms: list[float]  # [seq]
+    pool_ms: list[float]  # [seq]
+    proj_dims: list[int]
+    proj_ms: list[float]
+    items: list[int]
+    dims: list[int]
+    retrieval_ms: list[list[float]]  # [items, dims]
+    overhead_ms: float = 0.0
+
+    def t(self, name) -> torch.Tensor:
+        return torch.tensor(getattr(self, name), dtype=torch.float64)
+
+
+def device_key(dtype: str = "float32", n_threads: int | None = None) -> dict:
+    return {"cpu": cpu_model(), "threads": n_threads or torch.get_num_threads(), "dtype": dtype,
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _cache_path(key: dict, base: Shape, cache_dir: Path) -> Path:
+    blob = json.dumps({**key, "hidden": base.hidden, "head_dim": base.head_dim, "heads": base.n_heads_dense,
+                       "ffn": base.ffn_dense}, sort_keys=True)
+    return cache_dir / f"tables-{hashlib.sha1(blob.encode()).hexdigest()[:16]}.json"
+
+
+def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 384),
+                 heads=None, neurons=None, seq=SEQ_GRID, min_seconds: float = 0.15,
+                 progress: bool = True) -> LatencyTables:
+    """Measure every operator of `base`'s architecture on this device (batch 1, fp32)."""
+    from recsys.models.encoder import FFN, Attention, Embeddings
+
+    H, d = base.hidden, base.head_dim
+    heads = list(heads or sorted({1, 2, 3, 4, 6, 8, base.n_heads_dense} & set(range(1, base.n_heads_dense + 1))))
+    neurons = list(neurons or sorted({n for n in (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072)
+                                      if n < base.ffn_dense} | {base.ffn_dense}))
+    seq = [s for s in seq if s <= base.max_positions]
+    jobs = len(heads) * len(seq) + len(neurons) * len(seq) + 2 * len(seq) + len(dims) + len(items) * len(dims)
+    bar = tqdm(total=jobs, desc="latency tables", disable=not progress)
+
+    def ms(fn) -> float:
+        bar.update()
+        return measure(fn, warmup=2, min_repeats=5, min_seconds=min_seconds).p50
+
+    torch.manual_seed(0)
+    with exclusive():
+        attn = [[ms(lambda m=Attention(H, h, d, 1e-12, 0.0, 0.0).eval(), x=torch.randn(1, L, H),
+                    mask=torch.zeros(1, 1, 1, L): m(x, mask, "sdpa")) for L in seq] for h in heads]
+        ffn = [[ms(lambda m=FFN(H, n, "gelu", 1e-12, 0.0).eval(), x=torch.randn(1, L, H): m(x)) for L in seq]
+               for n in neurons]
+        emb_mod = Embeddings(base, 1e-12, 0.0).eval()
+        embed = [ms(lambda L=L: emb_mod(torch.randint(0, 1000, (1, L)), torch.zeros(1, L, dtype=torch.long)))
+                 for L in seq]
+
+        def pool(h, m):
+            mm = m.unsqueeze(-1)
+            return torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1), dim=-1)
+        pooled = [ms(lambda x=torch.randn(1, L, H), m=torch.ones(1, L): pool(x, m)) for L in seq]
+        proj = [ms(lambda lin=torch.nn.Linear(H, k), x=torch.randn(1, H): lin(x)) for k in dims]
+        retrieval = [[ms(retrieval_call(n, k)) for k in dims] for n in items]
+    bar.close()
+    return LatencyTables(device_key("float32"), H, d, list(seq), heads, attn, neurons, ffn, embed, pooled,
+                         list(dims), proj, list(items), list(dims), retrieval)
+
+
+def _block_sum(tab: LatencyTables, heads: torch.Tensor, neurons: torch.Tensor, attn_p: torch.Tensor,
+               ffn_p: torch.Tensor, seq_len: int) -> torch.Tensor:
+    L = float(seq_len)
+    seq = tab.t("seq")
+    total = _interp(seq, tab.t("embed_ms"), torch.tensor(L, dtype=torch.float64))
+    total = total + _interp(seq, tab.t("pool_ms"), torch.tensor(L, dtype=torch.float64))
+    a_grid = torch.tensor([0.0, *tab.heads], dtype=torch.float64)
+    a_tab = torch.cat([torch.zeros(1, len(tab.seq), dtype=torch.float64), tab.t("attn_ms")])
+    f_grid = torch.tensor([0.0, *tab.neurons], dtype=torch.float64)
+    f_tab = torch.cat([torch.zeros(1, len(tab.seq), dtype=torch.float64), tab.t("ffn_ms")])
+    for i in range(len(heads)):
+        total = total + attn_p[i] * _interp2(a_grid, seq, a_tab, heads[i], seq_len)
+        total = total + ffn_p[i] * _interp2(f_grid, seq, f_tab, neurons[i], seq_len)
+    return total
+
+
+def retrieval_ms(tab: LatencyTables, n_items: int, dim: torch.Tensor | float) -> torch.Tensor:
+    """Exact scoring time: interpolated in log(items) and in dim."""
+    dim = torch.as_tensor(dim, dtype=torch.float64)
+    log_items = torch.tensor(np.log(tab.items), dtype=torch.float64)
+    table = tab.t("retrieval_ms")  # [items, dims]
+    per_items = torch.stack([_interp(tab.t("dims"), table[r], dim) for r in range(len(tab.items))])
+    return _interp(log_items, per_items, torch.tensor(np.log(n_items), dtype=torch.float64))
+
+
+def predict_soft(tab: LatencyTables, s: SoftShape, n_items: int | None = None) -> torch.Tensor:
+    """Expected online latency (ms) of a soft shape: differentiable in every keep-probability."""
+    b = s.base
+    total = _block_sum(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, b.seq_len) + tab.overhead_ms
+    dim = s.out.sum() if s.out is not None else torch.tensor(float(b.hidden), dtype=torch.float64)
+    if s.out is not None:
+        total = total + _interp(tab.t("proj_dims"), tab.t("proj_ms"), dim)
+    if n_items:
+        total = total + retrieval_ms(tab, n_items, dim)
+    return total
+
+
+def predict(tab: LatencyTables, shape: Shape, n_items: int | None = None) -> float:
+    """Predicted latency (ms) of a hard shape at batch 1: user tower (+ exact retrieval over n_items)."""
+    return float(predict_soft(tab, SoftShape.from_shape(shape), n_items))
+
+
+def calibrate(tab: LatencyTables, measured_dense_ms: float, dense: Shape) -> None:
+    """Set the constant overhead so the dense model is predicted exactly (per-module Python cost etc.)."""
+    tab.overhead_ms = 0.0
+    tab.overhead_ms = measured_dense_ms - predict(tab, dense)
+
+
+def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = True, **build_kw) -> LatencyTables:
+    """Tables for this device and `base`'s architecture, from the cache or measured now (and cached)."""
+    key = device_key("float32")
+    path = _cache_path(key, base, cache_dir)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("key") == key:
+            return LatencyTables(**data)
+    tab = build_tables(base, progress=progress, **build_kw)
+    dense = base.dense().replace(batch=1)
+    from recsys.efficiency.latency import user_tower_call
+    from recsys.models.encoder import BertEncoder
+    from recsys.models.tower import Tower
+    with threads(None), exclusive():
+        tower = Tower(BertEncoder(dense), dense.hidden)
+        calibrate(tab, measure(user_tower_call(tower, dense.seq_len), min_seconds=0.5).p50, dense)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(vars(tab)))
+    os.replace(tmp, path)
+    return tab
+
+
+def random_subshape(base: Shape, rng: np.random.Generator) -> Shape:
+    """A random sub-shape of `base`: random head subsets and FFN widths, occasionally a dropped block."""
+    layers = []
+    for _ in range(base.n_layers):
+        n_heads = int(rng.integers(0, base.n_heads_dense + 1)) if rng.random() > 0.1 else 0
+        heads = tuple(sorted(rng.choice(base.n_heads_dense, n_heads, replace=False).tolist()))
+        ffn = int(rng.integers(1, base.ffn_dense + 1)) if rng.random() > 0.1 else 0
+        layers.append(LayerShape(heads, ffn))
+    return base.replace(layers=tuple(layers))
