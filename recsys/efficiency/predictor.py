@@ -99,21 +99,33 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
         bar.update()
         return measure(fn, warmup=2, min_repeats=5, min_seconds=min_seconds).p50
 
+    def attn_call(h: int, L: int):
+        m, x, mask = Attention(H, h, d, 1e-12, 0.0, 0.0).eval(), torch.randn(1, L, H), torch.zeros(1, 1, 1, L)
+        return lambda: m(x, mask, "sdpa")
+
+    def ffn_call(n: int, L: int):
+        m, x = FFN(H, n, "gelu", 1e-12, 0.0).eval(), torch.randn(1, L, H)
+        return lambda: m(x)
+
+    def embed_call(L: int):
+        m, ids = Embeddings(base, 1e-12, 0.0).eval(), torch.randint(0, 1000, (1, L))
+        return lambda: m(ids, torch.zeros_like(ids))
+
+    def pool_call(L: int):
+        x, mask = torch.randn(1, L, H), torch.ones(1, L, 1)
+        return lambda: torch.nn.functional.normalize((x * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def proj_call(k: int):
+        lin, x = torch.nn.Linear(H, k), torch.randn(1, H)
+        return lambda: lin(x)
+
     torch.manual_seed(0)
     with exclusive():
-        attn = [[ms(lambda m=Attention(H, h, d, 1e-12, 0.0, 0.0).eval(), x=torch.randn(1, L, H),
-                    mask=torch.zeros(1, 1, 1, L): m(x, mask, "sdpa")) for L in seq] for h in heads]
-        ffn = [[ms(lambda m=FFN(H, n, "gelu", 1e-12, 0.0).eval(), x=torch.randn(1, L, H): m(x)) for L in seq]
-               for n in neurons]
-        emb_mod = Embeddings(base, 1e-12, 0.0).eval()
-        embed = [ms(lambda L=L: emb_mod(torch.randint(0, 1000, (1, L)), torch.zeros(1, L, dtype=torch.long)))
-                 for L in seq]
-
-        def pool(h, m):
-            mm = m.unsqueeze(-1)
-            return torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1), dim=-1)
-        pooled = [ms(lambda x=torch.randn(1, L, H), m=torch.ones(1, L): pool(x, m)) for L in seq]
-        proj = [ms(lambda lin=torch.nn.Linear(H, k), x=torch.randn(1, H): lin(x)) for k in dims]
+        attn = [[ms(attn_call(h, L)) for L in seq] for h in heads]
+        ffn = [[ms(ffn_call(n, L)) for L in seq] for n in neurons]
+        embed = [ms(embed_call(L)) for L in seq]
+        pooled = [ms(pool_call(L)) for L in seq]
+        proj = [ms(proj_call(k)) for k in dims]
         retrieval = [[ms(retrieval_call(n, k)) for k in dims] for n in items]
     bar.close()
     return LatencyTables(device_key("float32"), H, d, list(seq), heads, attn, neurons, ffn, embed, pooled,
