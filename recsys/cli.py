@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from recsys.errors import RecsysError
 
@@ -90,6 +91,31 @@ def cmd_evaluate(args) -> None:
               f"Wilcoxon p={c['p_wilcoxon']:.3g}, n={len(common)})")
 
 
+def cmd_profile(args) -> None:
+    from recsys.efficiency import profile
+    from recsys.tracking.records import write_json
+    if args.validate:
+        out = profile.validate(args.encoder, args.shapes, args.seq_len, n_threads=args.threads)
+        print(f"latency predictor on {out['n_shapes']} sub-shapes of {args.encoder} ({out['device']}, "
+              f"{out['threads']} threads, seq {out['seq_len']}, batch 1): MAPE {out['mape']:.1f}%, "
+              f"p90 |error| {out['p90_abs_pct_err']:.1f}%, {100 * out['within_10pct']:.0f}% within ±10%; "
+              f"measured {out['measured_ms_min']:.1f}–{out['measured_ms_max']:.1f} ms")
+    else:
+        out = profile.profile(args.encoder, args.shape, args.seq_len, args.items, n_threads=args.threads)
+        rows = [("params", f"{out['params'] / 1e6:.2f} M"), ("FLOPs (user, batch 1)", f"{out['flops'] / 1e9:.3f} G"),
+                ("weight bytes", f"{out['weight_bytes'] / 2**20:.1f} MiB"),
+                ("online FLOPs (+ scoring)", f"{out['online_flops'] / 1e9:.3f} G"),
+                ("measured user tower", f"{out['measured_user_ms']['median_ms']:.2f} ms "
+                                        f"(p90 {out['measured_user_ms']['p90_ms']:.2f})"),
+                ("predicted user tower", f"{out['predicted_user_ms']:.2f} ms"),
+                (f"predicted online ({args.items} items)", f"{out['predicted_online_ms']:.2f} ms"),
+                ("item throughput (batch 64)", f"{out['item_throughput']['items_per_s']:.0f} items/s")]
+        for k, v in rows:
+            print(f"{k:32s} {v}")
+    if args.output:
+        write_json(Path(args.output), out)
+
+
 def _user_ids(run) -> list[str]:
     from recsys.config import RunConfig, from_dict, read_yaml
     from recsys.train import _run_paths, load_data
@@ -122,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "baselines":
             s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot")
         s.set_defaults(func=func)
+
+    pr = sub.add_parser("profile", help="params, FLOPs, bytes, measured and predicted latency of a tower")
+    pr.add_argument("--encoder", default="minilm")
+    pr.add_argument("--shape", help="shape JSON file (default: the dense encoder)")
+    pr.add_argument("--seq-len", type=int, default=128)
+    pr.add_argument("--items", type=int, default=10000, help="catalog size for the online cost")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--validate", action="store_true", help="predictor error on random sub-shapes")
+    pr.add_argument("--shapes", type=int, default=30)
+    pr.add_argument("--output", help="write the result as JSON")
+    pr.set_defaults(func=cmd_profile)
 
     e = sub.add_parser("evaluate", help="re-evaluate a trained run (folder or checkpoint)")
     e.add_argument("run")

@@ -204,11 +204,13 @@ def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = Tru
 
 
 def random_subshape(base: Shape, rng: np.random.Generator) -> Shape:
-    """A random sub-shape of `base`: random head subsets and FFN widths, occasionally a dropped block."""
+    """A random sub-shape of `base`: an overall keep fraction (so sizes span tiny to dense), random head
+    subsets and FFN widths around it per layer, and occasionally a dropped block."""
+    keep = rng.uniform(0.03, 1.0)
     layers = []
     for _ in range(base.n_layers):
-        n_heads = int(rng.integers(0, base.n_heads_dense + 1)) if rng.random() > 0.1 else 0
+        n_heads = int(rng.binomial(base.n_heads_dense, keep)) if rng.random() > 0.1 else 0
         heads = tuple(sorted(rng.choice(base.n_heads_dense, n_heads, replace=False).tolist()))
-        ffn = int(rng.integers(1, base.ffn_dense + 1)) if rng.random() > 0.1 else 0
-        layers.append(LayerShape(heads, ffn))
+        width = keep * rng.uniform(0.5, 1.5) if rng.random() > 0.1 else 0.0
+        layers.append(LayerShape(heads, int(np.clip(round(width * base.ffn_dense), 0, base.ffn_dense))))
     return base.replace(layers=tuple(layers))

@@ -1,0 +1,84 @@
+"""`recsys profile`: what a tower at a shape costs — counted, measured and predicted — and how good the
+latency predictor is (`validate`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from recsys.efficiency.cost import cost, online_cost
+from recsys.efficiency.latency import environment, item_throughput, measure, threads, user_tower_call
+from recsys.efficiency.predictor import load_or_build, predict, random_subshape
+from recsys.efficiency.shape import Shape
+from recsys.errors import RecsysError
+
+
+def _dense_shape(encoder: str, seq_len: int) -> Shape:
+    from transformers import AutoConfig
+
+    from recsys.models.encoder import resolve_model_path
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model_path(encoder))
+    except (OSError, ValueError) as e:
+        raise RecsysError(f"{encoder}: cannot load model config ({str(e).splitlines()[0][:150]})") from None
+    return Shape.dense_from_hf_config(cfg, seq_len=seq_len)
+
+
+def load_shape(path: str | Path) -> Shape:
+    p = Path(path)
+    if not p.is_file():
+        raise RecsysError(f"shape file not found: {p}")
+    try:
+        return Shape.from_dict(json.loads(p.read_text()))
+    except json.JSONDecodeError as e:
+        raise RecsysError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except ValueError as e:
+        raise RecsysError(f"{p}: {e}") from None
+
+
+def _tower(shape: Shape, encoder: str):
+    from recsys.models.encoder import BertEncoder
+    from recsys.models.tower import Tower
+    enc = BertEncoder.from_pretrained(encoder, shape=shape.replace(output_dim=None, seq_len=128, batch=1))
+    return Tower(enc, shape.hidden, shape.output_dim).eval()
+
+
+def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int = 128, n_items: int = 10000,
+            n_threads: int | None = None, progress: bool = True) -> dict:
+    """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower."""
+    dense = _dense_shape(encoder, seq_len)
+    shape = load_shape(shape_path).replace(seq_len=seq_len, batch=1) if shape_path else dense.replace(batch=1)
+    with threads(n_threads):
+        tab = load_or_build(dense.replace(batch=1), progress=progress)
+        tower = _tower(shape, encoder)
+        user_ms = measure(user_tower_call(tower, seq_len), min_seconds=1.0)
+        thr = item_throughput(tower, batch=64, seq_len=24)
+    on = online_cost(shape, n_items)
+    return {"shape": shape.to_dict(), **cost(shape), "online_flops": on["flops"], "n_items": n_items,
+            "measured_user_ms": user_ms.as_dict(), "predicted_user_ms": predict(tab, shape),
+            "predicted_online_ms": predict(tab, shape, n_items), "item_throughput": thr, **environment()}
+
+
+def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,
+             n_threads: int | None = None, progress: bool = True) -> dict:
+    """Measure and predict `n_shapes` random sub-shapes of `encoder`; report the predictor's error."""
+    from tqdm.auto import tqdm
+    dense = _dense_shape(encoder, seq_len).replace(batch=1)
+    rng = np.random.default_rng(seed)
+    shapes = [dense] + [random_subshape(dense, rng) for _ in range(n_shapes - 1)]
+    rows = []
+    with threads(n_threads):
+        tab = load_or_build(dense, progress=progress)
+        for s in tqdm(shapes, desc="validate", disable=not progress):
+            measured = measure(user_tower_call(_tower(s, encoder), seq_len), min_seconds=0.5).p50
+            rows.append({"shape": s.to_dict(), "measured_ms": measured, "predicted_ms": predict(tab, s)})
+    m = np.array([r["measured_ms"] for r in rows])
+    p = np.array([r["predicted_ms"] for r in rows])
+    err = np.abs(p - m) / m * 100
+    env = environment()
+    return {"mape": float(err.mean()), "p90_abs_pct_err": float(np.percentile(err, 90)),
+            "within_10pct": float((err <= 10).mean()), "n_shapes": len(rows),
+            "measured_ms_min": float(m.min()), "measured_ms_max": float(m.max()), "device": env["hardware"]["cpu"],
+            "threads": env["threads"], "dtype": "float32", "batch": 1, "seq_len": seq_len,
+            "overhead_ms": tab.overhead_ms, "versions": env["versions"], "shapes": rows}
