@@ -97,6 +97,15 @@ def _trainer(**kwargs) -> pl.Trainer:
         raise RecsysError(f"train.accelerator/devices/strategy/precision: Lightning rejected them ({msg})") from None
 
 
+def _finish(trainer: pl.Trainer, status: str = "success") -> None:
+    """Close the loggers; end the W&B run so the next `train` in this process starts its own."""
+    for lg in trainer.loggers:
+        lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+            wandb.finish(exit_code=0 if status == "success" else 1)
+
+
 def train(cfg: RunConfig) -> dict:
     """Fit, select the best checkpoint on validation NDCG@10, test it, and write the run folder."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -133,7 +142,11 @@ def train(cfg: RunConfig) -> dict:
             default_root_dir=str(run_dir), deterministic=False,
         )
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
+        try:
+            trainer.fit(module, datamodule=dm)
+        except BaseException:
+            _finish(trainer, "failed")
+            raise
         fit_minutes = (time.perf_counter() - t0) / 60
         if not trainer.is_global_zero:
             return {}
@@ -150,8 +163,7 @@ def train(cfg: RunConfig) -> dict:
                    "train_examples_per_s": speed.rate, "evaluated_users": int(len(test.users))}
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
-        for lg in trainer.loggers:
-            lg.finalize("success")
+        _finish(trainer)
     return {"run_dir": str(final), **metrics}
 
 

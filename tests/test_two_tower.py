@@ -91,3 +91,17 @@ def test_false_negative_mask_and_per_user_cap(tiny_model):
         for j in range(8):
             other = split.train[ex[j][0]][ex[j][1]]
             assert fn[b, j] == (other in set(split.train[u].tolist()) or other == target)
+
+
+def test_wandb_offline_runs_land_in_their_own_run_folders(small_synthetic_args, tmp_path, monkeypatch):
+    """Offline W&B (no key, no network): each run keeps its own offline run, also when two run in one process."""
+    from recsys.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    base = small_synthetic_args + ["train.epochs=1", "tracking.wandb=offline"]
+    for name in ("a", "b"):
+        train(load_config(None, base + [f"tracking.run_name={name}"]))
+    for name in ("a", "b"):
+        runs = list((tmp_path / "results" / "runs" / name / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, name
