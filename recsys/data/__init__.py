@@ -1,0 +1,1 @@
+"""Datasets: registry, loaders, downloader, the leave-last-out split and user text."""
