@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                         "masking": "train items (+ validation item at test)", "ties": "ascending item index",
                         "metrics_stage": "test", "selection": "validation NDCG@10"},
            "hardware": env["hardware"], "versions": env["versions"], "git": env["git"], "models": models}
-    path = Path(args.out or f"results/benchmarks/{slug}_baselines.json")
+    path = Path(args.out or f"results/benchmarks/{slug.replace('-', '')}_baselines.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, out)
     print(f"wrote {path}")
