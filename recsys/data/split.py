@@ -69,7 +69,7 @@ def leave_last_out(ds: RecDataset) -> Split:
     train: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * ds.n_users
     val = np.full(ds.n_users, -1, dtype=np.int64)
     test = np.full(ds.n_users, -1, dtype=np.int64)
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         u, seq = users[s], items[s:e]
         if len(seq) >= 3:
             train[u], val[u], test[u] = seq[:-2], seq[-2], seq[-1]

@@ -11,7 +11,7 @@ import numpy as np
 
 from recsys.data.dataset import RecDataset, build_dataset
 
-_ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "k", "l", "m", "n", "p", "pl", "r", "s", "st", "t", "tr", "v", "z"]
+_ONSETS = "b br c d dr f g gr k l m n p pl r s st t tr v z".split()
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 _CODAS = ["", "n", "r", "l", "s", "m", "x", "nd"]
 

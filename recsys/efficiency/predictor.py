@@ -28,6 +28,7 @@ from recsys.tracking.records import cpu_model
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
 SEQ_GRID = (16, 32, 64, 128, 256)
+CALIBRATION_SHAPES = 8
 
 
 def _interp(grid: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,7 @@ class LatencyTables:
     dims: list[int]
     retrieval_ms: list[list[float]]  # [items, dims]
     overhead_ms: float = 0.0
+    scale: float = 1.0  # whole-model time ≈ scale · Σ operator times + overhead (fitted on calibration shapes)
 
     def t(self, name) -> torch.Tensor:
         return torch.tensor(getattr(self, name), dtype=torch.float64)
@@ -160,7 +162,8 @@ def retrieval_ms(tab: LatencyTables, n_items: int, dim: torch.Tensor | float) ->
 def predict_soft(tab: LatencyTables, s: SoftShape, n_items: int | None = None) -> torch.Tensor:
     """Expected online latency (ms) of a soft shape: differentiable in every keep-probability."""
     b = s.base
-    total = _block_sum(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, b.seq_len) + tab.overhead_ms
+    blocks = _block_sum(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, b.seq_len)
+    total = tab.scale * blocks + tab.overhead_ms
     dim = s.out.sum() if s.out is not None else torch.tensor(float(b.hidden), dtype=torch.float64)
     if s.out is not None:
         total = total + _interp(tab.t("proj_dims"), tab.t("proj_ms"), dim)
@@ -174,10 +177,16 @@ def predict(tab: LatencyTables, shape: Shape, n_items: int | None = None) -> flo
     return float(predict_soft(tab, SoftShape.from_shape(shape), n_items))
 
 
-def calibrate(tab: LatencyTables, measured_dense_ms: float, dense: Shape) -> None:
-    """Set the constant overhead so the dense model is predicted exactly (per-module Python cost etc.)."""
-    tab.overhead_ms = 0.0
-    tab.overhead_ms = measured_dense_ms - predict(tab, dense)
+def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float]) -> None:
+    """Fit whole-model time = scale · Σ operator times + overhead by least squares on measured shapes.
+
+    Operators timed alone run with warm caches and miss the per-module Python cost; the two constants absorb
+    both. Calibration shapes are drawn apart from any shapes the predictor is validated on."""
+    tab.scale, tab.overhead_ms = 1.0, 0.0
+    x = np.array([predict(tab, s) for s in shapes])
+    a = np.stack([x, np.ones_like(x)], axis=1)
+    (tab.scale, tab.overhead_ms), *_ = np.linalg.lstsq(a, np.asarray(measured_ms), rcond=None)
+    tab.scale, tab.overhead_ms = float(tab.scale), float(tab.overhead_ms)
 
 
 def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = True, **build_kw) -> LatencyTables:
@@ -189,13 +198,16 @@ def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = Tru
         if data.get("key") == key:
             return LatencyTables(**data)
     tab = build_tables(base, progress=progress, **build_kw)
-    dense = base.dense().replace(batch=1)
     from recsys.efficiency.latency import user_tower_call
     from recsys.models.encoder import BertEncoder
     from recsys.models.tower import Tower
+    rng = np.random.default_rng(12345)  # calibration shapes: not the validation draws (seed 0)
+    dense = base.dense().replace(batch=1)
+    shapes = [dense] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 1)]
     with threads(None), exclusive():
-        tower = Tower(BertEncoder(dense), dense.hidden)
-        calibrate(tab, measure(user_tower_call(tower, dense.seq_len), min_seconds=0.5).p50, dense)
+        measured = [measure(user_tower_call(Tower(BertEncoder(s), s.hidden), s.seq_len), min_seconds=0.3).p50
+                    for s in shapes]
+    calibrate(tab, shapes, measured)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(vars(tab)))
