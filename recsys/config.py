@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, read_utf8
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -255,14 +255,8 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise RecsysError(f"config file not found: {p}")
-    raw = p.read_bytes()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecsysError(f"{p}:{line}: not UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(read_utf8(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recsys.data.dataset import RecDataset, build_dataset
 from recsys.data.registry import require_file
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, read_utf8
 
 INTERACTIONS = "interactions.csv"
 ITEMS = "items.csv"
@@ -45,13 +45,7 @@ def parse_timestamp(value: str) -> int:
 
 def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, dict[str, str]]]:
     """`("file:line", row)` for every data row of a CSV file whose header has `columns`."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecsysError(f"{path}:{line}: not UTF-8 text") from None
-    with io.StringIO(text, newline="") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         try:
             header = [h.strip() for h in reader.fieldnames or []]
