@@ -79,8 +79,7 @@ def cmd_evaluate(args) -> None:
     if args.compare:
         other = read_per_user(args.compare, args.metric)
         col = res.per_user[args.metric]
-        ids = _user_ids(args.run)
-        mine = dict(zip([ids[u] for u in res.users], col, strict=True))
+        mine = dict(zip([res.user_ids[u] for u in res.users], col, strict=True))
         common = sorted(set(mine) & set(other))
         if len(common) != len(mine):
             raise RecsysError(f"{args.compare}: evaluated users differ from {args.run} ({len(common)} in common of "
@@ -114,14 +113,6 @@ def cmd_profile(args) -> None:
             print(f"{k:32s} {v}")
     if args.output:
         write_json(Path(args.output), out)
-
-
-def _user_ids(run) -> list[str]:
-    from recsys.config import RunConfig, from_dict, read_yaml
-    from recsys.train import _run_paths, load_data
-    run_dir, _ = _run_paths(run)
-    cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir))
-    return load_data(cfg.data)[0].user_ids
 
 
 def build_parser() -> argparse.ArgumentParser:

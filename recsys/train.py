@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,7 +21,7 @@ from recsys.config import DataConfig, RunConfig, from_dict, read_yaml, save_conf
 from recsys.data.dataset import RecDataset
 from recsys.data.split import Split, leave_last_out
 from recsys.errors import RecsysError
-from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
+from recsys.retrieval.evaluate import EvalResult, evaluate, tower_scorers
 from recsys.tracking.records import environment_record, markdown_table, staged_dir, write_json
 
 METRIC_COLUMNS = ["ndcg@10", "recall@10", "mrr@10", "ndcg@20", "recall@20"]
@@ -42,18 +42,12 @@ def dataset_slug(cfg: DataConfig) -> str:
     return cfg.name.replace(":", "_").replace("/", "_")
 
 
-def evaluate_module(module, dm, stage: str, progress: bool = True) -> EvalResult:
-    """Full-ranking evaluation of a two-tower module: items encoded once, users in batches."""
-    from recsys.models.tower import encode_texts
+def evaluate_module(module, dm, stages=("val", "test"), progress: bool = True) -> dict[str, EvalResult]:
+    """Full-ranking evaluation of a two-tower module on `stages`: items encoded once, users in batches."""
     bs = module.train_cfg.eval_batch_size
-    items = encode_texts(module.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens, bs,
-                         desc="encode items", progress=progress)
-    users = dm.split.eval_users
-    texts = [dm.user_text(int(u), stage) for u in users]
-    user_emb = encode_texts(module.user_tower, dm.tokenizer, texts, dm.data_cfg.user_max_tokens, bs,
-                            desc=f"encode users ({stage})", progress=progress)
-    scorer = embedding_scorer(user_emb, users, dm.split.n_users, items)
-    return evaluate(scorer, dm.split, stage, bs, progress=progress)
+    scorers = tower_scorers(module.user_tower, module.item_tower, dm.tokenizer, dm.item_texts, dm.split,
+                            dm.data_cfg, stages, bs, progress)
+    return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
 
 
 class Throughput(pl.Callback):
@@ -154,8 +148,8 @@ def train(cfg: RunConfig) -> dict:
         if best:
             module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         module.to("cpu")
-        val = evaluate_module(module, dm, "val", progress)
-        test = evaluate_module(module, dm, "test", progress)
+        results = evaluate_module(module, dm, ("val", "test"), progress)
+        val, test = results["val"], results["test"]
         test.write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
         val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
         metrics = {"val": val.metrics, "test": test.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
@@ -209,7 +203,7 @@ def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True)
     except RuntimeError as e:
         raise RecsysError(f"{ckpt}: weights do not match the run's model ({str(e).splitlines()[0]})") from None
     dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
-    return evaluate_module(module, dm, stage, progress)
+    return replace(evaluate_module(module, dm, (stage,), progress)[stage], user_ids=ds.user_ids)
 
 
 def read_per_user(path: str | Path, metric: str) -> dict[str, float]:

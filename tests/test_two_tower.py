@@ -64,7 +64,7 @@ def test_training_improves_on_the_untrained_tiny_model(small_synthetic_args, tmp
     fresh = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train))
     ds = generate(seed=0, n_users=120, n_items=150)
     dm = RecDataModule(ds, leave_last_out(ds), load_tokenizer(cfg.model.encoder), cfg.data, cfg.train)
-    before = evaluate_module(fresh, dm, "val", progress=False).metrics["ndcg@10"]
+    before = evaluate_module(fresh, dm, ("val",), progress=False)["val"].metrics["ndcg@10"]
     after = train(cfg)["val"]["ndcg@10"]
     assert after > before + 0.02, (before, after)
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from recsys.data.split import Split
-from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
+from recsys.retrieval.evaluate import EvalResult, evaluate, tower_scorers
 
 KNN_KS = (50, 100, 200, None)  # None = all neighbours
 EASE_LAMBDAS = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -89,32 +89,16 @@ def run_ease(split: Split, grid=EASE_LAMBDAS, progress: bool = True) -> tuple[Ev
     return test, {"lambda": info["value"], "val": info["val"]}
 
 
-def zero_shot_scorers(dataset, split: Split, data_cfg, encoder: str = "minilm", batch_size: int = 128,
-                      progress: bool = True) -> dict:
-    """{stage: scorer} of the untrained encoder on the same user/item texts as the two-tower (mean pooling,
-    cosine); items are encoded once for both stages."""
-    from recsys.data.text import user_text
-    from recsys.models.encoder import BertEncoder, load_tokenizer, resolve_model_path
-    from recsys.models.tower import Tower, encode_texts
-
-    path = resolve_model_path(encoder)
-    enc = BertEncoder.from_pretrained(path)
-    tower, tok = Tower(enc, enc.shape.hidden), load_tokenizer(path)
-    items = encode_texts(tower, tok, dataset.item_texts, data_cfg.item_max_tokens, batch_size,
-                         desc="zero-shot items", progress=progress)
-    users = split.eval_users
-    scorers = {}
-    for stage in ("val", "test"):
-        texts = [user_text(dataset.item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
-        emb = encode_texts(tower, tok, texts, data_cfg.user_max_tokens, batch_size, desc=f"zero-shot users {stage}",
-                           progress=progress)
-        scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
-    return scorers
-
-
 def run_zero_shot(dataset, split: Split, data_cfg, encoder: str = "minilm",
                   progress: bool = True) -> tuple[EvalResult, dict]:
-    scorers = zero_shot_scorers(dataset, split, data_cfg, encoder, progress=progress)
+    """The untrained encoder (mean pooling, cosine) on the same user/item texts as the two-tower."""
+    from recsys.config import ModelConfig
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+    from recsys.models.two_tower import build_tower
+
+    tower = build_tower(encoder, ModelConfig(encoder=encoder))
+    tok = load_tokenizer(resolve_model_path(encoder))
+    scorers = tower_scorers(tower, tower, tok, dataset.item_texts, split, data_cfg, progress=progress)
     val = evaluate(scorers["val"], split, "val", progress=progress)
     test = evaluate(scorers["test"], split, "test", progress=progress)
     return test, {"encoder": encoder, "val": val.metrics}

@@ -27,6 +27,7 @@ class EvalResult:
     ranks: np.ndarray  # [U] 0-based rank of the target (inf = miss)
     per_user: dict[str, np.ndarray]  # metric -> [U]
     metrics: dict[str, float]  # metric -> mean over users
+    user_ids: list[str] | None = None  # original ids of all users (index -> id), when known
 
     def write_per_user(self, path: Path, user_ids: list[str] | None = None) -> None:
         names = list(self.per_user)
@@ -42,6 +43,25 @@ def embedding_scorer(user_emb: torch.Tensor, users: np.ndarray, n_users: int, it
     row = np.full(n_users, -1)
     row[users] = np.arange(len(users))
     return lambda batch: user_emb[row[batch]] @ item_emb.T  # [B, N]
+
+
+def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], split: Split, data_cfg,
+                  stages=("val", "test"), batch_size: int = 128, progress: bool = True) -> dict[str, Scorer]:
+    """{stage: scorer} of a two-tower: item texts encoded once for all stages, each stage's user texts (the
+    history up to its target) encoded once — the same texts for the trained model and the zero-shot encoder."""
+    from recsys.data.text import user_text
+    from recsys.models.tower import encode_texts
+
+    items = encode_texts(item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size,
+                         desc="encode items", progress=progress)
+    users = split.eval_users
+    scorers = {}
+    for stage in stages:
+        texts = [user_text(item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
+        emb = encode_texts(user_tower, tokenizer, texts, data_cfg.user_max_tokens, batch_size,
+                           desc=f"encode users ({stage})", progress=progress)
+        scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
+    return scorers
 
 
 def history_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
