@@ -25,7 +25,6 @@ class RecDataModule(pl.LightningDataModule):
         self.data_cfg, self.train_cfg = data, train
         self.item_texts = dataset.item_texts
         self.train_sets = [set(s.tolist()) for s in split.train]
-        self.epoch = 0
 
     # --- training ---------------------------------------------------------------------------------------
     def examples(self, epoch: int) -> list[tuple[int, int]]:
@@ -40,12 +39,8 @@ class RecDataModule(pl.LightningDataModule):
             out.extend((u, int(t)) for t in positions)
         return out
 
-    def steps_per_epoch(self) -> int:
-        n = len(self.examples(0))
-        return max(1, -(-n // self.train_cfg.batch_size))
-
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer is not None else self.epoch
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         g = torch.Generator().manual_seed(self.train_cfg.seed * 1000 + epoch)
         return DataLoader(self.examples(epoch), batch_size=self.train_cfg.batch_size, shuffle=True, generator=g,
                           collate_fn=self.collate_train, num_workers=self.train_cfg.num_workers, drop_last=False)
