@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.latency import exclusive, measure, retrieval_call, threads
 from recsys.efficiency.shape import LayerShape, Shape
-from recsys.tracking.records import cpu_model
+from recsys.tracking.records import cpu_model, write_json
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
 SEQ_GRID = (16, 32, 64, 128, 256)
@@ -209,9 +209,7 @@ def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = Tru
                     for s in shapes]
     calibrate(tab, shapes, measured)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(vars(tab)))
-    os.replace(tmp, path)
+    write_json(path, vars(tab))
     return tab
 
 
