@@ -90,6 +90,15 @@ def cmd_evaluate(args) -> None:
               f"Wilcoxon p={c['p_wilcoxon']:.3g}, n={len(common)})")
 
 
+def cmd_export(args) -> None:
+    from recsys.efficiency.export import export_run
+    out = export_run(args.run, args.format, args.output)
+    for name, t in out["towers"].items():
+        params = t["params"] / 1e6
+        print(f"{name} tower: {t['written_format']} at {out['path']}/{name} ({params:.2f} M params, dim {t['dim']}, "
+              f"max |Δ| vs gated model {t['max_abs_diff']:.1e})")
+
+
 def cmd_profile(args) -> None:
     from recsys.efficiency import profile
     from recsys.tracking.records import write_json
@@ -157,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", help="another run folder or per-user CSV: paired test and bootstrap CI")
     e.add_argument("--metric", default="ndcg@10")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="materialize a gated run and export its tower(s) for serving")
+    x.add_argument("run")
+    x.add_argument("--format", choices=["hf", "torch-export", "onnx"], default="hf")
+    x.add_argument("--output", help="folder to write (default: <run>/export/<format>)")
+    x.set_defaults(func=cmd_export)
     return p
 
 

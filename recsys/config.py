@@ -56,6 +56,7 @@ class ModelConfig:
     learn_temperature: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager
     dropout: float | None = None  # hidden + attention dropout while training (None = the checkpoint's)
+    init_from: str | None = None  # a run folder (or .ckpt) whose tower weights initialise this model's
 
     def __post_init__(self):
         _check_positive(self, "temperature")
@@ -80,6 +81,7 @@ class TrainConfig:
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed | bf16-true (Lightning; bf16 needs AVX512-BF16/AMX or a GPU)
     examples_per_user: int | None = 20  # per-epoch cap on (history prefix -> next item) examples per user
     extra_negatives: int = 0  # random catalog items added as negatives to every batch
+    logq_correction: bool = True  # subtract log(item's share of training targets) from logits (Yi et al. 2019)
     val_check_interval: float = 1.0  # fraction of an epoch (<=1) or a number of steps (>1) between validations
     early_stopping_patience: int = 3  # validations without improvement of val NDCG@10 before stopping
     max_minutes: float | None = None  # wall-clock budget for fitting
@@ -124,12 +126,64 @@ class TrackingConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Learnable structure and its cost: hard-concrete gates, λ penalties or a budget (`recsys train`).
+
+    Penalty mode adds λp·P + λf·F + λl·T (costs normalised by the dense model's; online cost of the user tower:
+    batch 1 + retrieval over the catalog). Budget mode (budget_metric + budget_target) drives one cost ratio
+    to the target with a Lagrangian instead. See recsys/losses/penalties.py.
+    """
+
+    gates: list[str] = field(default_factory=list)  # any of heads, ffn, blocks, output ([] = no gates)
+    ffn_group: int = 1  # FFN neurons per gate
+    gate_init: float = 3.0  # initial log α (3.0: every deterministic gate is 1, the model starts dense)
+    gate_lr: float = 0.05  # learning rate of the gates (constant; the encoder's follows its schedule)
+    lambda_params: float = 0.0
+    lambda_flops: float = 0.0
+    lambda_latency: float = 0.0
+    budget_metric: str | None = None  # params | flops | latency
+    budget_target: float | None = None  # target cost as a fraction of dense, in (0, 1]
+    budget_warmup: float = 0.5  # fraction of training over which the target ramps from 1 to budget_target
+    budget_tolerance: float = 0.05  # the run meets its budget if the final ratio <= target + tolerance
+    lagrangian_lr: float = 0.05  # learning rate of the budget multipliers (gradient ascent)
+    item_weight: float = 1.0  # separate towers: weight of the item tower's params/FLOPs penalties (offline)
+    recovery_epochs: int = 0  # fine-tune the model with gates fixed (deterministic) after training
+
+    def __post_init__(self):
+        from recsys.models.gates import KINDS
+
+        for g in self.gates:
+            if g not in KINDS:
+                raise ValueError(f"gates: unknown gate kind {g!r}{_suggest(g, KINDS)}")
+        for k in ("lambda_params", "lambda_flops", "lambda_latency", "item_weight", "recovery_epochs"):
+            _check_range(self, k, 0, None)
+        _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
+        _check_range(self, "budget_warmup", 0.0, 1.0)
+        _check_range(self, "budget_tolerance", 0.0, None)
+        if (self.budget_metric is None) != (self.budget_target is None):
+            raise ValueError("budget_metric and budget_target go together (set both or neither)")
+        if self.budget_metric is not None:
+            _check_choice(self, "budget_metric", ("params", "flops", "latency"))
+            if not 0 < self.budget_target <= 1:
+                raise ValueError(f"budget_target must be in (0, 1] (a fraction of dense), got {self.budget_target}")
+            if self.penalised:
+                raise ValueError("choose penalty mode (lambda_*) or budget mode (budget_*), not both")
+        if (self.penalised or self.budget_metric) and not self.gates:
+            raise ValueError("cost penalties need gates to act on (set compress.gates, e.g. [heads, ffn])")
+
+    @property
+    def penalised(self) -> bool:
+        return any(v > 0 for v in (self.lambda_params, self.lambda_flops, self.lambda_latency))
+
+
+@dataclass
 class RunConfig:
     """Everything `recsys train` needs; saved resolved with every run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
@@ -175,6 +229,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(e)
         names = " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
         raise RecsysError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecsysError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
             return None

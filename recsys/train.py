@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -111,7 +112,9 @@ def train(cfg: RunConfig) -> dict:
     ds, split = load_data(cfg.data)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train))
+    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress))
+    if cfg.model.init_from:
+        init_weights(module, cfg.model.init_from)
     dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)
     name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     final = Path(cfg.tracking.results_dir) / "runs" / name
@@ -120,10 +123,15 @@ def train(cfg: RunConfig) -> dict:
     progress = cfg.tracking.progress_bar
     with staged_dir(final) as run_dir:
         save_config(cfg, run_dir / "config.yaml")
-        ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="max",
-                               save_top_k=1, save_weights_only=True)
+        # A gated run keeps its final model: the best validation score of a run that is being pruned is its
+        # densest early checkpoint, and the budget is only met at the end.
+        gated = bool(cfg.compress.gates)
+        ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=None if gated else MONITOR,
+                               mode="max", save_top_k=1, save_weights_only=True)
         speed = Throughput()
-        callbacks = [ckpt, speed, EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience)]
+        callbacks = [ckpt, speed]
+        if not gated:
+            callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
         vci = cfg.train.val_check_interval
         trainer = _trainer(
             max_epochs=cfg.train.epochs,
@@ -155,6 +163,12 @@ def train(cfg: RunConfig) -> dict:
         metrics = {"val": val.metrics, "test": test.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
                    "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
                    "train_examples_per_s": speed.rate, "evaluated_users": int(len(test.users))}
+        if module.gated:
+            metrics["structure"] = module.structure_report()
+            budget = metrics["structure"].get("budget")
+            if budget and not budget["met"]:
+                print(f"warning: budget missed: {budget['metric']} ratio {budget['achieved']:.3f} > target "
+                      f"{budget['target']} + tolerance {budget['tolerance']}", file=sys.stderr)
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
         _finish(trainer)
@@ -185,23 +199,47 @@ def load_checkpoint_state(path: Path) -> dict:
         raise RecsysError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
 
 
-def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True) -> EvalResult:
-    """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config."""
-    from recsys.models.datamodule import RecDataModule
-    from recsys.models.encoder import load_tokenizer, resolve_model_path
+def load_run(target: str | Path) -> tuple[RunConfig, "TwoTowerModule"]:  # noqa: F821
+    """A trained run's resolved config and its module with the checkpoint's weights (eval mode, CPU)."""
     from recsys.models.two_tower import TwoTowerModule
 
-    if stage not in ("val", "test"):
-        raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
     run_dir, ckpt = _run_paths(target)
     cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
     state = load_checkpoint_state(ckpt)
-    ds, split = load_data(cfg.data)
-    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train))
+    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress))
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise RecsysError(f"{ckpt}: weights do not match the run's model ({str(e).splitlines()[0]})") from None
+    return cfg, module.eval()
+
+
+def init_weights(module, source: str | Path) -> None:
+    """Copy a finished run's tower weights into `module` (whose gates, budget multipliers and an identity-
+    initialised projection may be new), e.g. to prune a fine-tuned dense model. Anything else missing or of
+    another size is an error."""
+    _, ckpt = _run_paths(source)
+    state, own = load_checkpoint_state(ckpt), module.state_dict()
+    fresh_projection = module.model_cfg.projection_dim is None  # added by output gates: identity
+    for k, v in own.items():
+        if k in state:
+            if state[k].shape != v.shape:
+                raise RecsysError(f"model.init_from: {ckpt}: {k} has shape {tuple(state[k].shape)}, "
+                                  f"this model {tuple(v.shape)}")
+        elif not (".gates." in k or k.startswith("budget.") or (fresh_projection and ".projection." in k)):
+            raise RecsysError(f"model.init_from: {ckpt} has no weight {k} (a different architecture?)")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True) -> EvalResult:
+    """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config."""
+    from recsys.models.datamodule import RecDataModule
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+
+    if stage not in ("val", "test"):
+        raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
+    cfg, module = load_run(target)
+    ds, split = load_data(cfg.data)
     dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
     return replace(evaluate_module(module, dm, (stage,), progress)[stage], user_ids=ds.user_ids)
 

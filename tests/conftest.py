@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub are imported
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["RECSYS_CACHE"] = __import__("tempfile").mkdtemp(prefix="recsys-test-cache-")  # latency tables
 
 from pathlib import Path  # noqa: E402
 

@@ -25,6 +25,9 @@ class RecDataModule(pl.LightningDataModule):
         self.data_cfg, self.train_cfg = data, train
         self.item_texts = dataset.item_texts
         self.train_sets = [set(s.tolist()) for s in split.train]
+        targets = np.concatenate([s[1:] for s in split.train] + [np.zeros(0, dtype=np.int64)])
+        counts = np.bincount(targets.astype(np.int64), minlength=split.n_items) + 1.0  # add-one smoothing
+        self.log_q = torch.from_numpy(np.log(counts / counts.sum())).float()  # [N] log P(item is a target)
 
     # --- training ---------------------------------------------------------------------------------------
     def examples(self, epoch: int) -> list[tuple[int, int]]:
@@ -62,6 +65,7 @@ class RecDataModule(pl.LightningDataModule):
             "user": tokenize(self.tokenizer, utexts, max_user),
             "item": tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens),
             "false_negatives": fn,
+            "log_q": self.log_q[items] if self.train_cfg.logq_correction else None,
         }
 
     # --- validation: full ranking of the validation targets ---------------------------------------------

@@ -68,6 +68,11 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id
 
 
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """A sublayer with gate z: z·y + (1 − z)·x, so z = 0 is the sublayer removed (LayerNorm included)."""
+    return y if z is None else z * y + (1 - z) * x
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the kept heads, output projection, dropout, residual, LayerNorm."""
 
@@ -81,7 +86,8 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(drop)
         self.ln = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str, head_z: torch.Tensor | None = None,
+                block_z: torch.Tensor | None = None) -> torch.Tensor:
         (B, L, _), n, d = x.shape, self.n_heads, self.head_dim  # x: [B, L, H]; mask: [B, 1, 1, L] additive
         q, k, v = (f(x).view(B, L, n, d).transpose(1, 2) for f in (self.q, self.k, self.v))  # [B, n, L, d]
         p = self.attn_drop if self.training else 0.0
@@ -90,8 +96,10 @@ class Attention(nn.Module):
             y = F.dropout(att.softmax(dim=-1), p=p) @ v  # [B, n, L, d]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, n, L, d]
+        if head_z is not None:
+            y = y * head_z[:, None, None]  # [B, n, L, d] gated heads
         y = y.transpose(1, 2).reshape(B, L, n * d)  # [B, L, n*d]
-        return self.ln(x + self.drop(self.out(y)))  # [B, L, H]
+        return _gated_residual(x, self.ln(x + self.drop(self.out(y))), block_z)  # [B, L, H]
 
 
 class FFN(nn.Module):
@@ -105,8 +113,12 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(hidden, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(x + self.drop(self.down(self.act(self.up(x)))))  # [B, L, H]
+    def forward(self, x: torch.Tensor, neuron_z: torch.Tensor | None = None,
+                block_z: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.act(self.up(x))  # [B, L, ffn]
+        if neuron_z is not None:
+            h = h * neuron_z  # [B, L, ffn] gated neurons
+        return _gated_residual(x, self.ln(x + self.drop(self.down(h))), block_z)  # [B, L, H]
 
 
 class Layer(nn.Module):
@@ -114,11 +126,12 @@ class Layer(nn.Module):
         super().__init__()
         self.attn, self.ffn = attn, ffn
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, impl: str, gates: dict | None = None) -> torch.Tensor:
+        g = gates or {}  # this layer's gate values: heads [n], ffn [ffn], attn_block / ffn_block scalars
         if self.attn is not None:
-            x = self.attn(x, mask, impl)
+            x = self.attn(x, mask, impl, g.get("heads"), g.get("attn_block"))
         if self.ffn is not None:
-            x = self.ffn(x)
+            x = self.ffn(x, g.get("ffn"), g.get("ffn_block"))
         return x  # [B, L, H]
 
 
@@ -186,7 +199,10 @@ class BertEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        gates: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Last hidden state [B, L, H]. `gates` (from `TowerGates.values()`) multiplies heads [n_layers, heads],
+        FFN neurons [n_layers, ffn] and sublayers [n_layers] of a dense-shaped encoder."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # [B, L]
         if token_type_ids is None:
@@ -194,8 +210,9 @@ class BertEncoder(nn.Module):
         x = self.embed(input_ids, token_type_ids)  # [B, L, H]
         # additive key mask: 0 where attended, the dtype's minimum at padding
         mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # [B, 1, 1, L]
-        for layer in self.layers:
-            x = layer(x, mask, self._attn_implementation)  # [B, L, H]
+        for i, layer in enumerate(self.layers):
+            per_layer = {k: v[i] for k, v in gates.items() if k != "output"} if gates else None
+            x = layer(x, mask, self._attn_implementation, per_layer)  # [B, L, H]
         return x
 
     @classmethod

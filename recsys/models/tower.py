@@ -1,4 +1,7 @@
-"""A tower: encoder → mean pooling over the attention mask → optional projection → L2 normalisation."""
+"""A tower: encoder → mean pooling over the attention mask → optional projection → L2 normalisation.
+
+A tower may carry gates (`recsys.models.gates.TowerGates`) over its heads, FFN neurons, sublayers and output
+dims; the encoder then runs at its dense shape with the gate values multiplied in."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,13 +21,22 @@ class Tower(nn.Module):
         self.encoder = encoder
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
         self.dim = projection_dim or hidden
+        self.gates = None  # optional TowerGates (recsys.models.gates): learnable structure
+
+    @property
+    def shape(self):
+        """The encoder's shape with this tower's output dim (None without a projection)."""
+        return self.encoder.shape.replace(output_dim=self.projection.out_features if self.projection else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids, attention_mask)  # [B, L, H]
+        gates = self.gates.values() if self.gates is not None else None  # sampled in train mode
+        h = self.encoder(input_ids, attention_mask, gates=gates)  # [B, L, H]
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, H]
         if self.projection is not None:
             pooled = self.projection(pooled)  # [B, d]
+        if gates is not None and "output" in gates:
+            pooled = pooled * gates["output"]  # [B, d] gated embedding dims
         return F.normalize(pooled.float(), dim=-1)  # [B, d]
 
 

@@ -14,10 +14,13 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from recsys.config import ModelConfig, TrainConfig, from_dict
+from recsys.config import CompressConfig, ModelConfig, TrainConfig, from_dict
 from recsys.errors import RecsysError
+from recsys.efficiency.cost import SoftShape
 from recsys.losses.contrastive import InBatchSoftmaxLoss
+from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
+from recsys.models.gates import TowerGates
 from recsys.models.tower import Tower, encode_texts
 from recsys.retrieval.evaluate import ranks_for_users
 from recsys.retrieval.metrics import per_user_metrics, summarize
@@ -25,22 +28,42 @@ from recsys.retrieval.metrics import per_user_metrics, summarize
 MONITOR = "val/ndcg@10"
 
 
-def build_tower(name: str, cfg: ModelConfig) -> Tower:
+def build_tower(name: str, cfg: ModelConfig, compress: CompressConfig | None = None) -> Tower:
+    """A tower from a checkpoint, with gates when `compress.gates` is set. Output-dim gates without a
+    projection get an identity-initialised projection (the same embeddings, with dims that can be cut)."""
     enc = BertEncoder.from_pretrained(resolve_model_path(name), attn_implementation=cfg.attn_implementation,
                                       dropout=cfg.dropout)
-    return Tower(enc, enc.shape.hidden, cfg.projection_dim)
+    gates = compress.gates if compress is not None else []
+    dim = cfg.projection_dim or (enc.shape.hidden if "output" in gates else None)
+    tower = Tower(enc, enc.shape.hidden, dim)
+    if cfg.projection_dim is None and tower.projection is not None:
+        with torch.no_grad():
+            tower.projection.weight.copy_(torch.eye(dim))
+            tower.projection.bias.zero_()
+    if gates:
+        try:
+            tower.gates = TowerGates(tower.shape, tuple(gates), compress.ffn_group, compress.gate_init)
+        except ValueError as e:
+            raise RecsysError(str(e)) from None
+    return tower
 
 
 class TwoTowerModule(pl.LightningModule):
-    def __init__(self, model: dict, train: dict):
+    def __init__(self, model: dict, train: dict, compress: dict | None = None):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: checkpoints load with weights_only=True
         self.model_cfg: ModelConfig = from_dict(ModelConfig, model, "model")
         self.train_cfg: TrainConfig = from_dict(TrainConfig, train, "train")
-        self.user_tower = build_tower(self.model_cfg.encoder, self.model_cfg)
-        separate = self.model_cfg.item_encoder is not None or not self.model_cfg.shared_towers
-        self.item_tower = (build_tower(self.model_cfg.item_encoder or self.model_cfg.encoder, self.model_cfg)
-                           if separate else self.user_tower)
+        self.compress_cfg: CompressConfig = from_dict(CompressConfig, compress or {}, "compress")
+        c = self.compress_cfg
+        self.user_tower = build_tower(self.model_cfg.encoder, self.model_cfg, c)
+        self.separate = self.model_cfg.item_encoder is not None or not self.model_cfg.shared_towers
+        self.item_tower = (build_tower(self.model_cfg.item_encoder or self.model_cfg.encoder, self.model_cfg, c)
+                           if self.separate else self.user_tower)
+        self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
+        self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
+        self.user_costs: CostNormaliser | None = None  # set up at fit start (needs the catalog size)
+        self.item_costs: CostNormaliser | None = None
         if self.user_tower.dim != self.item_tower.dim:
             raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {self.item_tower.dim}; "
                               "set model.projection_dim")
@@ -61,25 +84,100 @@ class TwoTowerModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u = self.user_tower(**batch["user"])  # [B, d]
         i = self.item_tower(**batch["item"])  # [B + M, d]
-        loss = self.loss(u, i, self.temperature, batch["false_negatives"])
+        task = self.loss(u, i, self.temperature, batch["false_negatives"], batch.get("log_q"))
+        terms = {"train/task_loss": task, "train/temperature": self.temperature}
+        loss = task
+        if self.user_costs is not None:
+            structure, cost_terms = self.structure_loss()
+            loss = loss + structure
+            terms.update(cost_terms)
         self.log("train/loss", loss, prog_bar=True, batch_size=u.shape[0])
-        self.log("train/temperature", self.temperature, batch_size=u.shape[0])
+        self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=u.shape[0])
         return loss
 
+    # --- learnable structure: gates, penalties, budget ------------------------------------------------------
+    @property
+    def gated(self) -> bool:
+        return self.user_tower.gates is not None
+
+    def on_fit_start(self) -> None:
+        if not (self.gated and (self.penalty.active or self.budget is not None)):
+            return
+        from recsys.efficiency.predictor import load_or_build
+
+        dm = self.trainer.datamodule
+        user_base = self.user_tower.shape.replace(seq_len=dm.data_cfg.user_max_tokens, batch=1)
+        needs_latency = self.compress_cfg.lambda_latency > 0 or self.compress_cfg.budget_metric == "latency"
+        tables = load_or_build(user_base, progress=False) if needs_latency else None
+        self.user_costs = CostNormaliser(user_base, dm.split.n_items, tables)
+        if self.separate and self.item_tower.gates is not None:
+            self.item_costs = CostNormaliser(self.item_tower.shape.replace(seq_len=dm.data_cfg.item_max_tokens))
+
+    def structure_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Penalties (or the budget Lagrangian) on the towers' soft shapes; returns (loss, terms to log)."""
+        ratios = self.user_costs(self.user_tower.gates.soft_shape(self.user_costs.base))
+        terms = {f"cost/user_{k}": v for k, v in ratios.items()}
+        if self.budget is not None:
+            progress = self.global_step / max(1, int(self.trainer.estimated_stepping_batches))
+            loss = self.budget(ratios[self.budget.metric], progress)
+            terms.update({"budget/target": torch.tensor(self.budget.current_target(progress)),
+                          "budget/lambda1": self.budget.lambda1, "budget/lambda2": self.budget.lambda2})
+        else:
+            loss = self.penalty(ratios)
+        if self.item_costs is not None:  # offline tower: size and FLOPs only, weighted apart
+            item = self.item_costs(self.item_tower.gates.soft_shape(self.item_costs.base))
+            terms.update({f"cost/item_{k}": v for k, v in item.items()})
+            lam = self.penalty.lambdas
+            loss = loss + self.compress_cfg.item_weight * (lam["params"] * item["params"]
+                                                           + lam["flops"] * item["flops"])
+        terms["train/structure_loss"] = loss
+        return loss, terms
+
+    @torch.no_grad()
+    def structure_report(self) -> dict:
+        """Hard shapes of the gated towers, their cost ratios to dense (the training-time cost model, exact
+        at hard shapes) and, in budget mode, whether the final ratio met the target within the tolerance."""
+        costs = self.user_costs or CostNormaliser(self.user_tower.shape)
+        user = self.user_tower.gates.hard_shape().replace(seq_len=costs.base.seq_len, batch=costs.base.batch)
+        out = {"user_shape": user.to_dict(),
+               "user_ratios": {k: float(v) for k, v in costs(SoftShape.from_shape(user)).items()}}
+        if self.separate and self.item_tower.gates is not None:
+            item_costs = self.item_costs or CostNormaliser(self.item_tower.shape)
+            item = self.item_tower.gates.hard_shape().replace(seq_len=item_costs.base.seq_len)
+            out["item_shape"] = item.to_dict()
+            out["item_ratios"] = {k: float(v) for k, v in item_costs(SoftShape.from_shape(item)).items()}
+        if self.budget is not None:
+            c = self.compress_cfg
+            achieved = out["user_ratios"][c.budget_metric]
+            out["budget"] = {"metric": c.budget_metric, "target": c.budget_target, "tolerance": c.budget_tolerance,
+                             "achieved": achieved, "met": achieved <= c.budget_target + c.budget_tolerance}
+        return out
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        decay, no_decay, gates, multipliers = [], [], [], []
         for name, p in self.named_parameters():
-            if p.requires_grad:
+            if not p.requires_grad:
+                continue
+            if ".gates." in name:
+                gates.append(p)
+            elif name.startswith("budget."):
+                multipliers.append(p)
+            else:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.train_cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.train_cfg.lr)
+        c = self.compress_cfg
+        groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0},
+                  {"params": gates, "weight_decay": 0.0, "lr": c.gate_lr},
+                  {"params": multipliers, "weight_decay": 0.0, "lr": c.lagrangian_lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(self.train_cfg.warmup_ratio * total)
 
         def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
             return (step + 1) / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        fixed_lr = [g is not groups[0] and g is not groups[1] for g in groups if g["params"]]  # gates, multipliers
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [(lambda _: 1.0) if f else schedule for f in fixed_lr])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- validation: full ranking, same code path as `recsys evaluate` ----------------------------------

@@ -1,0 +1,129 @@
+"""Reproduce results/benchmarks/ml100k_lambda.json: λ-penalised and budget-mode structure learning on ML-100K.
+
+    python experiments/ml100k_lambda.py --data-dir ../shared/datasets            # ~2 hours on 2 CPU cores
+
+One dense fine-tuned run first; every gated run starts from its weights (`model.init_from`, CoFi's recipe:
+prune a fine-tuned model) and trains with the same examples. Then each run's user tower is materialized and the
+online request (user tower at batch 1 + exact retrieval over the catalog) of every run is measured interleaved
+in one process, next to its predicted latency. Resumable: a run whose folder holds metrics.json is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recsys.config import load_config
+from recsys.efficiency.cost import online_cost
+from recsys.efficiency.latency import environment, exclusive, interleaved, retrieval_call, threads, user_tower_call
+from recsys.efficiency.materialize import materialize
+from recsys.efficiency.predictor import load_or_build, predict
+from recsys.errors import RecsysError
+from recsys.tracking.records import write_json
+from recsys.train import dataset_slug, load_data, load_run, train
+
+GATES = "compress.gates=[heads,ffn,blocks,output]"
+# name → overrides on top of the base config (the dense run has none; gated runs add GATES and init_from)
+RUNS: dict[str, list[str]] = {
+    "dense": [],
+    "params-1": ["compress.lambda_params=1.0"],
+    "params-4": ["compress.lambda_params=4.0"],
+    "flops-1": ["compress.lambda_flops=1.0"],
+    "flops-4": ["compress.lambda_flops=4.0"],
+    "latency-1": ["compress.lambda_latency=1.0"],
+    "latency-4": ["compress.lambda_latency=4.0"],
+    "budget-latency-0.33": ["compress.budget_metric=latency", "compress.budget_target=0.33"],
+    "budget-latency-0.2": ["compress.budget_metric=latency", "compress.budget_target=0.2"],
+    # asymmetric: a small user tower (latency budget) and a dense item tower in the same embedding space
+    "asymmetric-0.2": ["model.shared_towers=false", "compress.budget_metric=latency", "compress.budget_target=0.2",
+                       "compress.item_weight=0"],
+}
+
+
+def _lambda(over: list[str], key: str) -> float:
+    return next((float(o.split("=")[1]) for o in over if o.startswith(f"compress.{key}=")), 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/ml100k_lambda.yaml")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    ap.add_argument("--out", default="results/benchmarks/ml100k_lambda.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    over = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    names = [n for n in args.runs.split(",") if n]
+    try:
+        unknown = [n for n in names if n not in RUNS]
+        if unknown:
+            raise RecsysError(f"--runs: unknown run {unknown[0]!r} (known: {', '.join(RUNS)})")
+        cfg = load_config(args.config, over)
+        root = Path(cfg.tracking.results_dir) / "runs"
+        prefix = f"{dataset_slug(cfg.data)}-lambda"
+        dense_dir = root / f"{prefix}-dense"
+        for name in ["dense", *[n for n in names if n != "dense"]]:
+            run_dir = root / f"{prefix}-{name}"
+            if (run_dir / "metrics.json").is_file():
+                continue
+            extra = [] if name == "dense" else [GATES, f"model.init_from={dense_dir}", *RUNS[name]]
+            print(f"== training {name}", flush=True)
+            train(load_config(args.config, over + extra + [f"tracking.run_name={run_dir.name}",
+                                                           "tracking.progress_bar=false"]))
+        towers, rows = {}, []
+        for name in names:
+            run_dir = root / f"{prefix}-{name}"
+            run_cfg, module = load_run(run_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            towers[name] = materialize(module.user_tower)
+            rows.append({"name": name, "run": str(run_dir), "lambda_params": _lambda(RUNS[name], "lambda_params"),
+                         "lambda_flops": _lambda(RUNS[name], "lambda_flops"),
+                         "lambda_latency": _lambda(RUNS[name], "lambda_latency"),
+                         "budget": metrics.get("structure", {}).get("budget"),
+                         "asymmetric": not run_cfg.model.shared_towers,
+                         "ndcg@10": metrics["test"]["ndcg@10"], "recall@10": metrics["test"]["recall@10"],
+                         "val_ndcg@10": metrics["val"]["ndcg@10"], "train_minutes": metrics["train_minutes"]})
+        seq, n_items = cfg.data.user_max_tokens, load_data(cfg.data)[1].n_items
+        dense_shape = towers["dense"].encoder.shape.replace(seq_len=seq, batch=1)
+        tables = load_or_build(dense_shape)
+        calls = {}
+        for name, tower in towers.items():
+            user, search = user_tower_call(tower, seq), retrieval_call(n_items, tower.dim)
+            calls[name] = lambda user=user, search=search: search_of(user, search)
+        print("== measuring online latency, interleaved", flush=True)
+        with threads(None), exclusive():
+            timing = interleaved(calls, rounds=20, per_round=5)
+        for row in rows:
+            tower = towers[row["name"]]
+            shape = tower.encoder.shape.replace(seq_len=seq, batch=1, output_dim=tower.dim if tower.projection
+                                                else None)
+            c = online_cost(shape, n_items)
+            t = timing[row["name"]]
+            row.update({"params": c["user_params"], "flops": c["flops"], "predicted_ms": predict(tables, shape, n_items),
+                        "measured_ms_median": t.p50, "measured_ms_p90": t.p90, "shape": shape.to_dict()})
+        dense_ms = timing["dense"].p50 if "dense" in timing else None
+        for row in rows:
+            row["speedup_vs_dense"] = dense_ms / row["measured_ms_median"] if dense_ms else None
+        env = environment()
+        write_json(Path(args.out), {"dataset": cfg.data.name, "hardware": env["hardware"], "threads": env["threads"],
+                                    "versions": env["versions"], "seq_len": seq, "n_items": n_items,
+                                    "config": args.config, "runs": rows})
+        for row in rows:
+            print(f"{row['name']:22s} ndcg@10 {row['ndcg@10']:.4f}  {row['measured_ms_median']:6.2f} ms "
+                  f"(pred {row['predicted_ms']:6.2f})  ×{row['speedup_vs_dense'] or 0:.2f}  "
+                  f"params {row['params'] / 1e6:.2f} M", flush=True)
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def search_of(user, search):
+    """One request: encode the user, then score the catalog (the retrieval input is fixed; only time matters)."""
+    user()
+    return search()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
