@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,notebooks,faiss
+EXTRAS ?= dev,notebooks,faiss,export
 
 .PHONY: setup demo test lint clean
 

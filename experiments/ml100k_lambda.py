@@ -1,11 +1,13 @@
 """Reproduce results/benchmarks/ml100k_lambda.json: λ-penalised and budget-mode structure learning on ML-100K.
 
-    python experiments/ml100k_lambda.py --data-dir ../shared/datasets            # ~2 hours on 2 CPU cores
+    python experiments/ml100k_baselines.py --data-dir ../shared/datasets     # dense runs (seed 0 is reused here)
+    python experiments/ml100k_lambda.py --data-dir ../shared/datasets        # ~1 hour on 2 CPU cores
 
-One dense fine-tuned run first; every gated run starts from its weights (`model.init_from`, CoFi's recipe:
-prune a fine-tuned model) and trains with the same examples. Then each run's user tower is materialized and the
-online request (user tower at batch 1 + exact retrieval over the catalog) of every run is measured interleaved
-in one process, next to its predicted latency. Resumable: a run whose folder holds metrics.json is reused.
+Every gated run starts from the dense fine-tuned run's weights (`--dense`, `model.init_from`; CoFi's recipe:
+prune a fine-tuned model) and trains on the same examples with configs/ml100k_lambda.yaml. Then each run's user
+tower is materialized and the online request (user tower at batch 1 + exact retrieval over the catalog) of every
+run is measured interleaved in one process, next to its predicted latency. Resumable: a run whose folder holds
+metrics.json is reused.
 """
 from __future__ import annotations
 
@@ -23,16 +25,15 @@ from recsys.errors import RecsysError
 from recsys.tracking.records import write_json
 from recsys.train import dataset_slug, load_data, load_run, train
 
-GATES = "compress.gates=[heads,ffn,blocks,output]"
-# name → overrides on top of the base config (the dense run has none; gated runs add GATES and init_from)
+# gated runs: name → overrides on configs/ml100k_lambda.yaml (plus model.init_from=<dense run>)
 RUNS: dict[str, list[str]] = {
-    "dense": [],
+    "params-0.1": ["compress.lambda_params=0.1"],
     "params-1": ["compress.lambda_params=1.0"],
-    "params-4": ["compress.lambda_params=4.0"],
+    "flops-0.1": ["compress.lambda_flops=0.1"],
     "flops-1": ["compress.lambda_flops=1.0"],
-    "flops-4": ["compress.lambda_flops=4.0"],
-    "latency-1": ["compress.lambda_latency=1.0"],
-    "latency-4": ["compress.lambda_latency=4.0"],
+    "latency-0.1": ["compress.lambda_latency=0.1"],
+    "latency-0.5": ["compress.lambda_latency=0.5"],
+    "latency-2": ["compress.lambda_latency=2.0"],
     "budget-latency-0.33": ["compress.budget_metric=latency", "compress.budget_target=0.33"],
     "budget-latency-0.2": ["compress.budget_metric=latency", "compress.budget_target=0.2"],
     # asymmetric: a small user tower (latency budget) and a dense item tower in the same embedding space
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/ml100k_lambda.yaml")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dense", default="results/runs/ml-100k-bench-seed0", help="the dense fine-tuned run")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     ap.add_argument("--out", default="results/benchmarks/ml100k_lambda.json")
     ap.add_argument("overrides", nargs="*")
@@ -62,24 +64,24 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, over)
         root = Path(cfg.tracking.results_dir) / "runs"
         prefix = f"{dataset_slug(cfg.data)}-lambda"
-        dense_dir = root / f"{prefix}-dense"
-        for name in ["dense", *[n for n in names if n != "dense"]]:
-            run_dir = root / f"{prefix}-{name}"
-            if (run_dir / "metrics.json").is_file():
-                continue
-            extra = [] if name == "dense" else [GATES, f"model.init_from={dense_dir}", *RUNS[name]]
-            print(f"== training {name}", flush=True)
-            train(load_config(args.config, over + extra + [f"tracking.run_name={run_dir.name}",
-                                                           "tracking.progress_bar=false"]))
-        towers, rows = {}, []
+        dense_dir = Path(args.dense)
+        if not (dense_dir / "metrics.json").is_file():
+            raise RecsysError(f"--dense: {dense_dir} is not a finished run (run experiments/ml100k_baselines.py)")
+        run_dirs = {"dense": dense_dir} | {name: root / f"{prefix}-{name}" for name in names}
         for name in names:
-            run_dir = root / f"{prefix}-{name}"
+            if (run_dirs[name] / "metrics.json").is_file():
+                continue
+            print(f"== training {name}", flush=True)
+            train(load_config(args.config, over + [f"model.init_from={dense_dir}", *RUNS[name],
+                                                   f"tracking.run_name={run_dirs[name].name}",
+                                                   "tracking.progress_bar=false"]))
+        towers, rows = {}, []
+        for name, run_dir in run_dirs.items():
             run_cfg, module = load_run(run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             towers[name] = materialize(module.user_tower)
-            rows.append({"name": name, "run": str(run_dir), "lambda_params": _lambda(RUNS[name], "lambda_params"),
-                         "lambda_flops": _lambda(RUNS[name], "lambda_flops"),
-                         "lambda_latency": _lambda(RUNS[name], "lambda_latency"),
+            lam = {f"lambda_{k}": _lambda(RUNS.get(name, []), f"lambda_{k}") for k in ("params", "flops", "latency")}
+            rows.append({"name": name, "run": str(run_dir), **lam,
                          "budget": metrics.get("structure", {}).get("budget"),
                          "asymmetric": not run_cfg.model.shared_towers,
                          "ndcg@10": metrics["test"]["ndcg@10"], "recall@10": metrics["test"]["recall@10"],
@@ -100,8 +102,9 @@ def main(argv=None) -> int:
                                                 else None)
             c = online_cost(shape, n_items)
             t = timing[row["name"]]
-            row.update({"params": c["user_params"], "flops": c["flops"], "predicted_ms": predict(tables, shape, n_items),
-                        "measured_ms_median": t.p50, "measured_ms_p90": t.p90, "shape": shape.to_dict()})
+            row.update({"params": c["user_params"], "flops": c["flops"],
+                        "predicted_ms": predict(tables, shape, n_items), "measured_ms_median": t.p50,
+                        "measured_ms_p90": t.p90, "shape": shape.to_dict()})
         dense_ms = timing["dense"].p50 if "dense" in timing else None
         for row in rows:
             row["speedup_vs_dense"] = dense_ms / row["measured_ms_median"] if dense_ms else None

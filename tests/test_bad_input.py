@@ -140,12 +140,59 @@ def test_config_file_not_utf8(capsys, tmp_path, results):
     ("tracking.progress_bar=perhaps", ["tracking.progress_bar", "expected bool", "'perhaps'"]),
     ("train.lr.x=1", ["train.lr", "expected float"]),
     ("data.synthetic_users=0", ["data.synthetic_users", "> 0"]),
+    ("compress.lambda_latency=-0.5", ["compress.lambda_latency", "[0, inf]", "-0.5"]),
+    ("compress.gates=heads", ["compress.gates", "expected a list", "'heads'"]),
+    ("compress.gates=[heads,neurons]", ["compress.gates", "unknown gate kind 'neurons'"]),
+    ("compress.budget_target=0.5", ["compress", "budget_metric and budget_target go together"]),
     ("nosep", ["override 'nosep'", "section.key=value"]),
     ("=3", ["override '=3'", "section.key=value"]),
 ])
 def test_bad_override(capsys, results, override, needles):
     line = fails(capsys, "train", f"tracking.results_dir={results}", override)
     assert_contains(line, *needles)
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["compress.gates=[heads]", "compress.budget_metric=latency", "compress.budget_target=1.5"],
+     ["compress.budget_target must be in (0, 1]", "1.5"]),
+    (["compress.gates=[heads]", "compress.budget_metric=latency", "compress.budget_target=0"],
+     ["compress.budget_target must be in (0, 1]"]),
+    (["compress.lambda_flops=1"], ["compress", "cost penalties need gates"]),
+    (["compress.gates=[heads]", "compress.lambda_flops=1", "compress.budget_metric=flops",
+      "compress.budget_target=0.5"], ["penalty mode", "budget mode", "not both"]),
+    (["compress.gates=[ffn]", "compress.ffn_group=0"], ["compress.ffn_group", "> 0"]),
+])
+def test_bad_compress_config(capsys, results, overrides, needles):
+    assert_contains(fails(capsys, "train", f"tracking.results_dir={results}", *overrides), *needles)
+    assert files_under(results) == []
+
+
+def test_gate_group_must_divide_the_ffn(capsys, small_synthetic_args, tmp_path):
+    line = fails(capsys, "train", *small_synthetic_args, "compress.gates=[ffn]", "compress.ffn_group=5")
+    assert_contains(line, "compress.ffn_group", "5", "does not divide the FFN width 64")
+    assert files_under(tmp_path / "results") == []
+
+
+def test_init_from_a_run_of_another_architecture(capsys, small_synthetic_args, tmp_path, fake_run, tiny_model):
+    from dataclasses import asdict
+
+    import torch
+
+    from recsys.config import ModelConfig, TrainConfig
+    from recsys.models.two_tower import TwoTowerModule
+
+    ckpt = fake_run / "checkpoints" / "best.ckpt"
+    state = TwoTowerModule(asdict(ModelConfig(encoder=tiny_model)), asdict(TrainConfig())).state_dict()
+    torch.save({"state_dict": {k: v for k, v in state.items() if "ffn.up" not in k}}, ckpt)
+    line = fails(capsys, "train", *small_synthetic_args, f"model.init_from={fake_run}")
+    assert_contains(line, "model.init_from", str(ckpt), "has no weight", "ffn.up", "different architecture")
+    state["user_tower.encoder.embed.word.weight"] = torch.zeros(3, 3)
+    torch.save({"state_dict": state}, ckpt)
+    line = fails(capsys, "train", *small_synthetic_args, f"model.init_from={fake_run}")
+    assert_contains(line, "model.init_from", "embed.word.weight", "shape (3, 3)")
+    line = fails(capsys, "train", *small_synthetic_args, f"model.init_from={tmp_path / 'nope'}")
+    assert_contains(line, "run not found")
+    assert not (tmp_path / "results" / "runs" / "t").exists()
 
 
 def test_bad_override_with_config_names_the_file(capsys, results):

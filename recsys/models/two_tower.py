@@ -15,8 +15,8 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from recsys.config import CompressConfig, ModelConfig, TrainConfig, from_dict
-from recsys.errors import RecsysError
 from recsys.efficiency.cost import SoftShape
+from recsys.errors import RecsysError
 from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
