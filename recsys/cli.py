@@ -99,6 +99,23 @@ def cmd_export(args) -> None:
               f"max |Δ| vs gated model {t['max_abs_diff']:.1e})")
 
 
+def cmd_sweep(args) -> None:
+    from recsys.search.sweep import load_sweep, split_overrides, sweep
+    own, training = split_overrides(args.overrides)
+    cfg = load_sweep(args.config, own, training)
+    if args.workers < 1:
+        raise RecsysError(f"--workers must be >= 1, got {args.workers}")
+    summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=args.overrides,
+                    report=not args.no_report)
+    if summary is None:
+        return
+    print(f"study {summary['study']}: {summary['n_trials']}/{summary['requested']} trials complete, "
+          f"{summary['failed']} failed, {summary['pruned']} pruned; results in {cfg.folder}")
+    if "hypervolume" in summary:
+        print(f"Pareto front: {len(summary['pareto'])} trials, hypervolume {summary['hypervolume']:.4f} "
+              f"(normalised, reference point {summary['reference_point']})")
+
+
 def cmd_profile(args) -> None:
     from recsys.efficiency import profile
     from recsys.tracking.records import write_json
@@ -166,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", help="another run folder or per-user CSV: paired test and bootstrap CI")
     e.add_argument("--metric", default="ndcg@10")
     e.set_defaults(func=cmd_evaluate)
+
+    w = sub.add_parser("sweep", help="Optuna study over λ values / budgets / any config field: the Pareto front")
+    w.add_argument("--config", "-c", required=True, help="sweep YAML (see configs/sweeps/)")
+    w.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    w.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # extra workers of --workers
+    w.add_argument("overrides", nargs="*", help="sweep keys (n_trials=4) or training overrides (train.lr=3e-5)")
+    w.set_defaults(func=cmd_sweep)
 
     x = sub.add_parser("export", help="materialize a gated run and export its tower(s) for serving")
     x.add_argument("run")

@@ -119,6 +119,7 @@ class TrackingConfig:
     run_name: str | None = None  # default: <dataset>-<timestamp>
     wandb: str = "offline"  # offline (no key, no network) | online | disabled; $WANDB_MODE wins
     wandb_project: str = "recsys"
+    wandb_group: str | None = None  # W&B run group (a sweep puts its trials in the study's group)
     progress_bar: bool = True
 
     def __post_init__(self):

@@ -69,6 +69,17 @@ class Throughput(pl.Callback):
         return self.examples / self.seconds if self.seconds else 0.0
 
 
+class Diverged(RecsysError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnDivergence(pl.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise Diverged(f"training diverged: loss is {float(loss)} at step {trainer.global_step}")
+
+
 def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
     from pytorch_lightning.loggers import CSVLogger
     loggers = [CSVLogger(save_dir=str(run_dir), name="", version="log")]
@@ -78,7 +89,7 @@ def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(WandbLogger(project=cfg.tracking.wandb_project, name=name, save_dir=str(run_dir),
-                                   config=cfg.to_dict()))
+                                   group=cfg.tracking.wandb_group, config=cfg.to_dict()))
     return loggers
 
 
@@ -101,8 +112,10 @@ def _finish(trainer: pl.Trainer, status: str = "success") -> None:
             wandb.finish(exit_code=0 if status == "success" else 1)
 
 
-def train(cfg: RunConfig) -> dict:
-    """Fit, select the best checkpoint on validation NDCG@10, test it, and write the run folder."""
+def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> dict:
+    """Fit, select the best checkpoint on validation NDCG@10 (a gated run: its final model), test it (unless
+    `test` is False: a sweep tests only its Pareto trials, after the search), and write the run folder.
+    `callbacks` are extra Lightning callbacks (a sweep's pruning reporter)."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     from recsys.models.datamodule import RecDataModule
@@ -129,7 +142,7 @@ def train(cfg: RunConfig) -> dict:
         ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=None if gated else MONITOR,
                                mode="max", save_top_k=1, save_weights_only=True)
         speed = Throughput()
-        callbacks = [ckpt, speed]
+        callbacks = [ckpt, speed, StopOnDivergence(), *(callbacks or [])]
         if not gated:
             callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
         vci = cfg.train.val_check_interval
@@ -156,13 +169,17 @@ def train(cfg: RunConfig) -> dict:
         if best:
             module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         module.to("cpu")
-        results = evaluate_module(module, dm, ("val", "test"), progress)
-        val, test = results["val"], results["test"]
-        test.write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
+        results = evaluate_module(module, dm, ("val", "test") if test else ("val",), progress)
+        val = results["val"]
         val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
-        metrics = {"val": val.metrics, "test": test.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
+        metrics = {"val": val.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
                    "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
-                   "train_examples_per_s": speed.rate, "evaluated_users": int(len(test.users))}
+                   "train_examples_per_s": speed.rate, "evaluated_users": int(len(val.users)),
+                   "catalog_items": int(split.n_items)}
+        if test:
+            results["test"].write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
+            metrics["test"] = results["test"].metrics
+            metrics["evaluated_users"] = int(len(results["test"].users))
         if module.gated:
             metrics["structure"] = module.structure_report()
             budget = metrics["structure"].get("budget")

@@ -6,7 +6,9 @@ import pytest
 from recsys.config import RunConfig, load_config, parse_overrides
 from recsys.errors import RecsysError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))  # training configs; sweeps under configs/sweeps/
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -15,6 +17,16 @@ def test_every_shipped_config_loads_and_names_its_command(path):
     assert isinstance(cfg, RunConfig)
     header = path.read_text().splitlines()[0]
     assert header.startswith("#") and "recsys" in path.read_text().split("\n\n")[0]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_shipped_sweep_config_loads(path, monkeypatch):
+    from recsys.search.sweep import load_sweep
+
+    monkeypatch.chdir(REPO)  # base_config paths are relative to the repository root
+    cfg = load_sweep(path)
+    assert cfg.params and cfg.objectives and Path(cfg.base_config).is_file()
+    assert "recsys sweep" in path.read_text().split("\n\n")[0]
 
 
 def test_overrides_are_typed_and_nested():

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.latency import exclusive, measure, retrieval_call, threads
 from recsys.efficiency.shape import LayerShape, Shape
+from recsys.errors import RecsysError
 from recsys.tracking.records import cpu_model, write_json
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
 SEQ_GRID = (16, 32, 64, 128, 256)
-CALIBRATION_SHAPES = 8
+CALIBRATION_SHAPES = 12
 
 
 def _interp(grid: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,14 +67,21 @@ class LatencyTables:
     dims: list[int]
     retrieval_ms: list[list[float]]  # [items, dims]
     overhead_ms: float = 0.0
-    scale: float = 1.0  # whole-model time ≈ scale · Σ operator times + overhead (fitted on calibration shapes)
+    # whole-model time ≈ attn_scale · Σ attention + ffn_scale · Σ FFN + embeddings + pooling + overhead,
+    # the three constants fitted by least squares on calibration shapes measured in the model
+    attn_scale: float = 1.0
+    ffn_scale: float = 1.0
 
     def t(self, name) -> torch.Tensor:
         return torch.tensor(getattr(self, name), dtype=torch.float64)
 
 
+TABLES_VERSION = 2  # bump when the table format or the calibration changes: cached tables are rebuilt
+
+
 def device_key(dtype: str = "float32", n_threads: int | None = None) -> dict:
-    return {"cpu": cpu_model(), "threads": n_threads or torch.get_num_threads(), "dtype": dtype,
+    return {"version": TABLES_VERSION, "cpu": cpu_model(), "threads": n_threads or torch.get_num_threads(),
+            "dtype": dtype,
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -134,20 +142,19 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
                          list(dims), proj, list(items), list(dims), retrieval)
 
 
-def _block_sum(tab: LatencyTables, heads: torch.Tensor, neurons: torch.Tensor, attn_p: torch.Tensor,
-               ffn_p: torch.Tensor, seq_len: int) -> torch.Tensor:
-    L = float(seq_len)
+def _block_sums(tab: LatencyTables, heads: torch.Tensor, neurons: torch.Tensor, attn_p: torch.Tensor,
+                ffn_p: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σ attention ms, Σ FFN ms, embeddings + pooling ms) from the tables, before calibration."""
+    L = torch.tensor(float(seq_len), dtype=torch.float64)
     seq = tab.t("seq")
-    total = _interp(seq, tab.t("embed_ms"), torch.tensor(L, dtype=torch.float64))
-    total = total + _interp(seq, tab.t("pool_ms"), torch.tensor(L, dtype=torch.float64))
+    fixed = _interp(seq, tab.t("embed_ms"), L) + _interp(seq, tab.t("pool_ms"), L)
     a_grid = torch.tensor([0.0, *tab.heads], dtype=torch.float64)
     a_tab = torch.cat([torch.zeros(1, len(tab.seq), dtype=torch.float64), tab.t("attn_ms")])
     f_grid = torch.tensor([0.0, *tab.neurons], dtype=torch.float64)
     f_tab = torch.cat([torch.zeros(1, len(tab.seq), dtype=torch.float64), tab.t("ffn_ms")])
-    for i in range(len(heads)):
-        total = total + attn_p[i] * _interp2(a_grid, seq, a_tab, heads[i], seq_len)
-        total = total + ffn_p[i] * _interp2(f_grid, seq, f_tab, neurons[i], seq_len)
-    return total
+    attn = sum(attn_p[i] * _interp2(a_grid, seq, a_tab, heads[i], seq_len) for i in range(len(heads)))
+    ffn = sum(ffn_p[i] * _interp2(f_grid, seq, f_tab, neurons[i], seq_len) for i in range(len(heads)))
+    return torch.as_tensor(attn, dtype=torch.float64), torch.as_tensor(ffn, dtype=torch.float64), fixed
 
 
 def retrieval_ms(tab: LatencyTables, n_items: int, dim: torch.Tensor | float) -> torch.Tensor:
@@ -162,8 +169,8 @@ def retrieval_ms(tab: LatencyTables, n_items: int, dim: torch.Tensor | float) ->
 def predict_soft(tab: LatencyTables, s: SoftShape, n_items: int | None = None) -> torch.Tensor:
     """Expected online latency (ms) of a soft shape: differentiable in every keep-probability."""
     b = s.base
-    blocks = _block_sum(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, b.seq_len)
-    total = tab.scale * blocks + tab.overhead_ms
+    attn, ffn, fixed = _block_sums(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, b.seq_len)
+    total = tab.attn_scale * attn + tab.ffn_scale * ffn + fixed + tab.overhead_ms
     dim = s.out.sum() if s.out is not None else torch.tensor(float(b.hidden), dtype=torch.float64)
     if s.out is not None:
         total = total + _interp(tab.t("proj_dims"), tab.t("proj_ms"), dim)
@@ -178,15 +185,35 @@ def predict(tab: LatencyTables, shape: Shape, n_items: int | None = None) -> flo
 
 
 def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float]) -> None:
-    """Fit whole-model time = scale · Σ operator times + overhead by least squares on measured shapes.
+    """Fit attn_scale, ffn_scale and overhead_ms by least squares on shapes measured in the model.
 
-    Operators timed alone run with warm caches and miss the per-module Python cost; the two constants absorb
-    both. Calibration shapes are drawn apart from any shapes the predictor is validated on."""
-    tab.scale, tab.overhead_ms = 1.0, 0.0
-    x = np.array([predict(tab, s) for s in shapes])
-    a = np.stack([x, np.ones_like(x)], axis=1)
-    (tab.scale, tab.overhead_ms), *_ = np.linalg.lstsq(a, np.asarray(measured_ms), rcond=None)
-    tab.scale, tab.overhead_ms = float(tab.scale), float(tab.overhead_ms)
+    Operators timed alone run with warm caches and miss the per-module Python cost; attention and FFN differ
+    in how much, and the overhead absorbs the rest. Calibration shapes are drawn apart from any shapes the
+    predictor is validated on."""
+    rows = []
+    for shape in shapes:
+        s = SoftShape.from_shape(shape)
+        attn, ffn, fixed = _block_sums(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, shape.seq_len)
+        rows.append((float(attn), float(ffn), float(fixed)))
+    from scipy.optimize import nnls
+
+    x = np.array(rows)
+    a = np.stack([x[:, 0], x[:, 1], np.ones(len(x))], axis=1)
+    coef, _ = nnls(a, np.asarray(measured_ms) - x[:, 2])  # non-negative: no shape is predicted below zero
+    tab.attn_scale, tab.ffn_scale, tab.overhead_ms = (float(c) for c in coef)
+
+
+def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3) -> list[float]:
+    """Median ms of a fresh tower at each shape (batch 1, its seq_len), measured interleaved in rounds so that
+    this machine's drift spreads over all shapes alike."""
+    from recsys.efficiency.latency import interleaved, user_tower_call
+    from recsys.models.encoder import BertEncoder
+    from recsys.models.tower import Tower
+
+    calls = {i: user_tower_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim), s.seq_len)
+             for i, s in enumerate(shapes)}
+    timings = interleaved(calls, rounds=rounds, per_round=per_round)
+    return [timings[i].p50 for i in range(len(shapes))]
 
 
 def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = True, **build_kw) -> LatencyTables:
@@ -194,21 +221,24 @@ def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = Tru
     key = device_key("float32")
     path = _cache_path(key, base, cache_dir)
     if path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("key") == key:
-            return LatencyTables(**data)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return LatencyTables(**data)
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+            pass  # a corrupt or outdated cache file is rebuilt below
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecsysError(f"latency cache folder {path.parent}: cannot create it ({e.strerror}); "
+                          "set $RECSYS_CACHE to a writable folder") from None
     tab = build_tables(base, progress=progress, **build_kw)
-    from recsys.efficiency.latency import user_tower_call
-    from recsys.models.encoder import BertEncoder
-    from recsys.models.tower import Tower
     rng = np.random.default_rng(12345)  # calibration shapes: not the validation draws (seed 0)
-    dense = base.dense().replace(batch=1)
+    dense = base.dense().replace(batch=1, output_dim=None)
     shapes = [dense] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 1)]
     with threads(None), exclusive():
-        measured = [measure(user_tower_call(Tower(BertEncoder(s), s.hidden), s.seq_len), min_seconds=0.3).p50
-                    for s in shapes]
+        measured = measure_towers(shapes)
     calibrate(tab, shapes, measured)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, vars(tab))
     return tab
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
-from recsys.efficiency.latency import environment, item_throughput, measure, threads, user_tower_call
-from recsys.efficiency.predictor import load_or_build, predict, random_subshape
+from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, threads, user_tower_call
+from recsys.efficiency.predictor import load_or_build, measure_towers, predict, random_subshape
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
 
@@ -61,18 +61,18 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
 
 
 def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,
-             n_threads: int | None = None, progress: bool = True) -> dict:
-    """Measure and predict `n_shapes` random sub-shapes of `encoder`; report the predictor's error."""
-    from tqdm.auto import tqdm
+             n_threads: int | None = None, progress: bool = True, rounds: int = 5) -> dict:
+    """Measure (interleaved, in `rounds`) and predict `n_shapes` random sub-shapes of `encoder` (the dense
+    shape first); report the predictor's error. Random weights: latency does not depend on their values."""
     dense = _dense_shape(encoder, seq_len).replace(batch=1)
     rng = np.random.default_rng(seed)
     shapes = [dense] + [random_subshape(dense, rng) for _ in range(n_shapes - 1)]
-    rows = []
     with threads(n_threads):
         tab = load_or_build(dense, progress=progress)
-        for s in tqdm(shapes, desc="validate", disable=not progress):
-            measured = measure(user_tower_call(_tower(s, encoder), seq_len), min_seconds=0.5).p50
-            rows.append({"shape": s.to_dict(), "measured_ms": measured, "predicted_ms": predict(tab, s)})
+        with exclusive():
+            measured = measure_towers(shapes, rounds=rounds)
+    rows = [{"shape": s.to_dict(), "measured_ms": ms, "predicted_ms": predict(tab, s)}
+            for s, ms in zip(shapes, measured, strict=True)]
     m = np.array([r["measured_ms"] for r in rows])
     p = np.array([r["predicted_ms"] for r in rows])
     err = np.abs(p - m) / m * 100
@@ -81,4 +81,5 @@ def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, se
             "within_10pct": float((err <= 10).mean()), "n_shapes": len(rows),
             "measured_ms_min": float(m.min()), "measured_ms_max": float(m.max()), "device": env["hardware"]["cpu"],
             "threads": env["threads"], "dtype": "float32", "batch": 1, "seq_len": seq_len,
-            "overhead_ms": tab.overhead_ms, "versions": env["versions"], "shapes": rows}
+            "calibration": {"attn_scale": tab.attn_scale, "ffn_scale": tab.ffn_scale, "overhead_ms": tab.overhead_ms},
+            "versions": env["versions"], "shapes": rows}

@@ -1,0 +1,164 @@
+"""A sweep's report: trials.csv, pareto.csv (Pareto trials tested once, after the search), the resolved sweep
+config, hypervolume on normalised objectives, Optuna's figures (PNG + HTML) and a W&B summary table.
+
+Normalisation for the hypervolume (minimisation, Optuna's `compute_hypervolume`): an accuracy objective v becomes
+1 − v / v_ref, a cost c becomes c / c_ref, where the references are the dense `reference_run`'s (its validation
+metrics and its measured online cost) — or, without one, the largest value seen in the study. The reference point
+is (1, …, 1): zero accuracy, the reference's cost. A front's hypervolume is then the area it dominates in units
+of (relative accuracy kept) × (relative cost saved); the reference point and values are written to summary.json.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from recsys.search.sweep import OBJECTIVES, SweepConfig, measure_online, open_study
+from recsys.tracking.records import write_json
+
+
+def _reference(cfg: SweepConfig, trials) -> dict[str, float]:
+    """Reference value of every objective (dense run, measured once and cached; else the study's maximum)."""
+    cache = cfg.folder / "reference.json"
+    if cfg.reference_run:
+        if cache.is_file():
+            ref = json.loads(cache.read_text())
+        else:
+            metrics = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())
+            ref = {**metrics["val"], **measure_online(cfg.reference_run, cfg.seq_len), "run": cfg.reference_run}
+            write_json(cache, ref)
+        return {o: float(ref[o]) for o in cfg.objectives}
+    return {o: max(float(t.values[i]) for t in trials) or 1.0 for i, o in enumerate(cfg.objectives)}
+
+
+def normalise(values, objectives: list[str], ref: dict[str, float]) -> list[float]:
+    return [1 - v / ref[o] if OBJECTIVES[o] == "maximize" else v / ref[o] for v, o in zip(values, objectives)]
+
+
+def hypervolume(points: list[list[float]], n_objectives: int) -> float:
+    """Optuna's exact hypervolume of normalised (minimised) points against the reference point (1, …, 1)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    pts = np.array([p for p in points if all(x < 1.0 for x in p)], dtype=float).reshape(-1, n_objectives)
+    return float(compute_hypervolume(pts, np.ones(n_objectives))) if len(pts) else 0.0
+
+
+def _test_metrics(run_dir: str) -> dict:
+    """Test metrics of a Pareto trial: evaluated once, cached in its run folder."""
+    path = Path(run_dir) / "test_metrics.json"
+    if not path.is_file():
+        from recsys.train import evaluate_run
+
+        res = evaluate_run(run_dir, "test", progress=False)
+        res.write_per_user(Path(run_dir) / "per_user_test.csv", res.user_ids)
+        write_json(path, res.metrics)
+    return json.loads(path.read_text())
+
+
+def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: int = 1) -> dict:
+    from optuna.trial import TrialState
+
+    study = open_study(cfg)
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    folder = cfg.folder
+    rows = []
+    for t in trials:
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        row = {"trial": t.number, "state": t.state.name, "duration_s": duration,
+               "run_dir": t.user_attrs.get("run_dir", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
+               "worker": t.user_attrs.get("worker", ""), "retry_of": t.user_attrs.get("retry_of", "")}
+        row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
+        row.update({f"param_{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    _write_csv(folder / "trials.csv", rows)
+    write_json(folder / "sweep.json", dataclasses.asdict(cfg))
+
+    summary: dict = {"study": cfg.study, "n_trials": len(done), "requested": cfg.n_trials, "sampler": cfg.sampler,
+                     "objectives": cfg.objectives, "directions": cfg.directions,
+                     "failed": sum(t.state == TrialState.FAIL for t in trials),
+                     "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
+    if done:
+        ref = _reference(cfg, done)
+        pareto = study.best_trials
+        points = [normalise(t.values, cfg.objectives, ref) for t in pareto]
+        prow = []
+        for t, p in zip(pareto, points, strict=True):
+            prow.append({"trial": t.number, **{f"val_{o}": t.values[i] for i, o in enumerate(cfg.objectives)},
+                         **{f"norm_{o}": p[i] for i, o in enumerate(cfg.objectives)},
+                         **{f"test_{k}": v for k, v in _test_metrics(t.user_attrs["run_dir"]).items()},
+                         **{f"param_{k}": v for k, v in t.params.items()}, "run_dir": t.user_attrs["run_dir"]})
+        _write_csv(folder / "pareto.csv", prow)
+        own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done)
+        summary.update({"reference": ref, "reference_point": [1.0] * len(cfg.objectives),
+                        "normalisation": "accuracy: 1 - v/ref; cost: c/ref (minimised)",
+                        "hypervolume": hypervolume(points, len(cfg.objectives)), "pareto": prow})
+        if wall_seconds:
+            summary["wall_minutes"] = wall_seconds / 60
+            summary["overhead_fraction"] = max(0.0, 1 - own / (wall_seconds * workers)) if own else None
+        _figures(study, cfg, ref, folder / "figures")
+        _wandb_summary(cfg, rows)
+    write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _figures(study, cfg: SweepConfig, ref: dict[str, float], out: Path) -> None:
+    """Optuna's Pareto front, hypervolume history and parameter importances, as HTML (plotly) and PNG
+    (matplotlib). A figure Optuna cannot draw for this study (too few trials) is skipped with a note."""
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vmpl
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = cfg.objectives
+    # raw-space reference point for the hypervolume history: zero accuracy, the reference cost
+    raw_ref = [0.0 if OBJECTIVES[o] == "maximize" else ref[o] for o in names]
+    kinds = {"importances": (lambda m: m.plot_param_importances(study, target=lambda t: t.values[0],
+                                                                target_name=names[0]))}
+    if len(names) > 1:
+        kinds["pareto_front"] = lambda m: m.plot_pareto_front(study, target_names=names)
+        kinds["hypervolume_history"] = lambda m: m.plot_hypervolume_history(study, raw_ref)
+    import warnings
+
+    for kind, draw in kinds.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                draw(vis).write_html(str(out / f"{kind}.html"))
+                import matplotlib
+                matplotlib.use("Agg")
+                ax = draw(vmpl)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.savefig(out / f"{kind}.png", dpi=120, bbox_inches="tight")
+                import matplotlib.pyplot as plt
+                plt.close(fig)
+        except (ImportError, ValueError, RuntimeError, ZeroDivisionError) as e:
+            print(f"note: figure {kind} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+
+
+def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
+    import os
+
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project="recsys", group=cfg.study, name=f"{cfg.study}-summary", job_type="sweep-summary",
+                     dir=str(cfg.folder), mode=mode, reinit="finish_previous")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    run.log({"trials": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
+    run.finish()

@@ -1,0 +1,198 @@
+"""`recsys sweep` end to end on a tiny BERT and small synthetic data: a real Optuna journal (and PostgreSQL)
+storage, real trials, failures isolated, resume, a worker killed mid-trial, bad sweep configs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recsys.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["data.synthetic_users=120", "data.synthetic_items=150", "data.user_max_tokens=32", "data.item_max_tokens=16",
+         "train.epochs=1", "train.batch_size=32", "train.examples_per_user=2", "train.lr=1e-3",
+         "tracking.wandb=disabled", "compress.gates=[heads,ffn,blocks]"]
+
+
+def write_sweep(tmp_path: Path, tiny_model: str, **extra) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text("# base config of a test sweep (recsys sweep)\ndata:\n  name: synthetic\n")
+    lines = [f"study: {extra.pop('study', 'test')}", f"base_config: {base}",
+             f"results_dir: {tmp_path / 'results'}", "overrides:",
+             *[f"  - {o}" for o in [f"model.encoder={tiny_model}", *TRAIN, *extra.pop("overrides", [])]],
+             f"objectives: {extra.pop('objectives', '[ndcg@10, params]')}", f"sampler: {extra.pop('sampler', 'random')}",
+             f"n_trials: {extra.pop('n_trials', 3)}", "params:"]
+    params = extra.pop("params", {"compress.lambda_params": "{low: 0.01, high: 4.0, log: true, zero: true}"})
+    lines += [f"  {k}: {v}" for k, v in params.items()]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    path = tmp_path / "sweep.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_runs_reports_and_resumes(tmp_path, tiny_model, capsys):
+    cfg = write_sweep(tmp_path, tiny_model, objectives="[ndcg@10, latency]")
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    folder = tmp_path / "results" / "sweeps" / "test"
+    trials = read_csv(folder / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    assert all(float(t["value_latency"]) > 0 and 0 <= float(t["value_ndcg@10"]) <= 1 for t in trials)
+    for t in trials:  # no trial was tested during the search: only Pareto trials, after it
+        run = Path(t["run_dir"])
+        assert (run / "metrics.json").is_file() and "test" not in json.loads((run / "metrics.json").read_text())
+    pareto = read_csv(folder / "pareto.csv")
+    assert pareto and all("test_ndcg@10" in p for p in pareto)
+    front = {int(p["trial"]) for p in pareto}
+    for t in trials:
+        assert (Path(t["run_dir"]) / "test_metrics.json").is_file() == (int(t["trial"]) in front)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["n_trials"] == 3 and summary["reference_point"] == [1.0, 1.0] and summary["hypervolume"] >= 0
+    assert (folder / "figures" / "pareto_front.png").is_file() and (folder / "figures" / "pareto_front.html").is_file()
+    assert (folder / "journal.log").is_file()
+    # re-running resumes: the study is complete, no trial is repeated
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    assert len(read_csv(folder / "trials.csv")) == 3
+    # asking for more trials runs only the missing ones
+    assert main(["sweep", "--config", str(cfg), "n_trials=4"]) == 0
+    assert [t["state"] for t in read_csv(folder / "trials.csv")] == ["COMPLETE"] * 4
+
+
+def test_failing_trials_are_isolated(tmp_path, tiny_model):
+    """A diverging trial (NaN loss) and a raising one are FAIL with their reason; the others complete."""
+    params = {"model.temperature": "{type: categorical, choices: [0.05, 1.0e-38]}",
+              "train.examples_per_user": "{type: categorical, choices: [2, 3]}"}
+    cfg = write_sweep(tmp_path, tiny_model, params=params, n_trials=3, max_failed=20, seed=3)
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    trials = read_csv(tmp_path / "results" / "sweeps" / "test" / "trials.csv")
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    assert sum(t["state"] == "COMPLETE" for t in trials) == 3
+    assert failed and all("diverged" in t["fail_reason"] for t in failed)
+    assert all(float(t["param_model.temperature"]) == 1e-38 for t in failed)
+
+
+def _sweep_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "recsys.cli", "sweep", "--config", str(cfg), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def _wait_for_running_trial(storage_path: Path, study: str, timeout: float = 120) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if storage_path.is_file():
+            try:
+                s = optuna.load_study(study_name=study, storage=JournalStorage(JournalFileBackend(str(storage_path))))
+                if s.get_trials(states=(TrialState.RUNNING,)):
+                    return
+            except KeyError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no trial started")
+
+
+@pytest.mark.multiprocess
+def test_worker_killed_mid_trial_then_resumed(tmp_path, tiny_model):
+    """SIGKILL a worker while its trial runs; re-running completes the study with each trial exactly once."""
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=2, overrides=["train.epochs=3"])
+    folder = tmp_path / "results" / "sweeps" / "test"
+    proc = subprocess.Popen(_sweep_cmd(cfg), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_running_trial(folder / "journal.log", "test")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(_sweep_cmd(cfg), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials = read_csv(folder / "trials.csv")
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    assert len(complete) == 2
+    stale = [t for t in trials if t["state"] == "FAIL"]
+    assert len(stale) == 1 and "died" in stale[0]["fail_reason"]
+    retried = [t for t in complete if t["retry_of"] == stale[0]["trial"]]
+    assert len(retried) == 1  # the killed trial's parameters ran again
+    assert retried[0]["param_compress.lambda_params"] == stale[0]["param_compress.lambda_params"]
+    assert len({t["run_dir"] for t in complete}) == 2
+
+
+@pytest.mark.multiprocess
+def test_two_local_workers_record_exactly_n_trials(tmp_path, tiny_model):
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=3)
+    done = subprocess.run(_sweep_cmd(cfg, "--workers", "2"), env=_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials = read_csv(tmp_path / "results" / "sweeps" / "test" / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    assert len({t["worker"] for t in trials}) == 2  # both workers ran trials
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server on 127.0.0.1 ($RECSYS_TEST_POSTGRES; `.ci/run` starts one with .ci/postgres.sh)."""
+    url = os.environ.get("RECSYS_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL server: set RECSYS_TEST_POSTGRES (export RECSYS_TEST_POSTGRES=$(.ci/postgres.sh))")
+    return url
+
+
+@pytest.mark.multiprocess
+def test_two_workers_on_postgres_record_exactly_n_trials(tmp_path, tiny_model, postgres_url):
+    import optuna
+
+    study = f"pg-{os.getpid()}-{int(time.time())}"
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=3, storage=postgres_url, study=study)
+    done = subprocess.run(_sweep_cmd(cfg, "--workers", "2"), env=_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    s = optuna.load_study(study_name=study, storage=postgres_url)
+    states = [t.state.name for t in s.get_trials()]
+    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"params": {"compress.lamda_params": "{low: 0.1, high: 1.0}"}}, ["params.compress.lamda_params",
+                                                                       "did you mean 'compress.lambda_params'"]),
+    ({"params": {"compress.lambda_params": "{low: 1.0, high: 1.0}"}}, ["empty range", "low 1.0", "high 1.0"]),
+    ({"params": {"compress.lambda_params": "{low: 0.0, high: 1.0, log: true}"}}, ["log-scale", "low > 0"]),
+    ({"params": {"compress.lambda_params": "{type: categorical}"}}, ["choices must be a non-empty list"]),
+    ({"params": {}}, ["search space is empty"]),
+    ({"sampler": "cmaes"}, ["sampler must be one of", "nsga2", "'cmaes'"]),
+    ({"objectives": "[ndcg@10, speed]"}, ["unknown objective 'speed'"]),
+    ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, ["storage postgresql://***@127.0.0.1:1/none",
+                                                                  "cannot connect"]),
+    ({"n_trials": 0}, ["n_trials must be > 0"]),
+])
+def test_bad_sweep_config_is_one_line_and_writes_nothing(tmp_path, tiny_model, capsys, change, needles):
+    cfg = write_sweep(tmp_path, tiny_model, **change)
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_base_config(tmp_path, tiny_model, capsys):
+    cfg = write_sweep(tmp_path, tiny_model)
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "base.yaml"), str(tmp_path / "nope.yaml")))
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    assert "base_config" in capsys.readouterr().err and not (tmp_path / "results").exists()
