@@ -27,13 +27,12 @@ from recsys.train import dataset_slug, load_data, load_run, train
 
 # gated runs: name → overrides on configs/ml100k_lambda.yaml (plus model.init_from=<dense run>)
 RUNS: dict[str, list[str]] = {
-    "params-0.1": ["compress.lambda_params=0.1"],
     "params-1": ["compress.lambda_params=1.0"],
-    "flops-0.1": ["compress.lambda_flops=0.1"],
+    "params-5": ["compress.lambda_params=5.0"],
     "flops-1": ["compress.lambda_flops=1.0"],
-    "latency-0.1": ["compress.lambda_latency=0.1"],
-    "latency-0.5": ["compress.lambda_latency=0.5"],
-    "latency-2": ["compress.lambda_latency=2.0"],
+    "flops-5": ["compress.lambda_flops=5.0"],
+    "latency-1": ["compress.lambda_latency=1.0"],
+    "latency-5": ["compress.lambda_latency=5.0"],
     "budget-latency-0.33": ["compress.budget_metric=latency", "compress.budget_target=0.33"],
     "budget-latency-0.2": ["compress.budget_metric=latency", "compress.budget_target=0.2"],
     # asymmetric: a small user tower (latency budget) and a dense item tower in the same embedding space

@@ -71,7 +71,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         row = {"trial": t.number, "state": t.state.name, "duration_s": duration,
                "run_dir": t.user_attrs.get("run_dir", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
-               "worker": t.user_attrs.get("worker", ""), "retry_of": t.user_attrs.get("retry_of", "")}
+               "worker": t.user_attrs.get("worker", ""), "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
         row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
         row.update({f"param_{k}": v for k, v in t.params.items()})
         rows.append(row)

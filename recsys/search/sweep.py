@@ -161,21 +161,22 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None,
 # --- storage, sampler, the claim lock -------------------------------------------------------------------------
 
 def make_storage(cfg: SweepConfig):
-    import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    import warnings
+
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     if cfg.storage is None:
         cfg.folder.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(cfg.folder / "journal.log")))
     try:
-        return RDBStorage(cfg.storage, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats are marked experimental
+            return RDBStorage(cfg.storage, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as e:  # sqlalchemy / driver errors: an unreachable or malformed URL
         msg = " ".join(str(e).split())[:160]
         raise RecsysError(f"storage {_redact(cfg.storage)}: cannot connect ({type(e).__name__}: {msg})") from None
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _redact(url: str) -> str:
@@ -334,7 +335,7 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
 def open_study(cfg: SweepConfig):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by run_worker, one line each
     storage = make_storage(cfg)
     try:
         study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),
@@ -382,9 +383,10 @@ def run_worker(cfg: SweepConfig) -> int:
                 raise
 
         try:
-            reap_stale(study)
-            if cfg.storage:
+            if cfg.storage:  # RDB: heartbeats find stale trials, the retry callback queues them again
                 optuna.storages.fail_stale_trials(study)
+            else:
+                reap_stale(study)
             if count_claimed(study) >= cfg.n_trials:
                 break
             failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
