@@ -103,12 +103,22 @@ def cmd_sweep(args) -> None:
     from recsys.search.sweep import load_sweep, split_overrides, sweep
     own, training = split_overrides(args.overrides)
     cfg = load_sweep(args.config, own, training)
+    if args.baseline == "posthoc":
+        from recsys.search.posthoc import posthoc_config
+        lambda_study, cfg = cfg, posthoc_config(cfg)
     if args.workers < 1:
         raise RecsysError(f"--workers must be >= 1, got {args.workers}")
-    summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=args.overrides,
+    extra = [*args.overrides, *(["--baseline", args.baseline] if args.baseline else [])]
+    summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=extra,
                     report=not args.no_report)
     if summary is None:
         return
+    if args.baseline == "posthoc":
+        from recsys.search.report import compare_fronts
+        cmp = compare_fronts(lambda_study, cfg)
+        if cmp:
+            print(f"hypervolume: λ search {cmp['lambda_search']:.4f}, post-hoc {cmp['posthoc']:.4f}, "
+                  f"ratio {cmp['ratio']:.2f} ({cmp['path']})")
     print(f"study {summary['study']}: {summary['n_trials']}/{summary['requested']} trials complete, "
           f"{summary['failed']} failed, {summary['pruned']} pruned; results in {cfg.folder}")
     if "hypervolume" in summary:
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="Optuna study over λ values / budgets / any config field: the Pareto front")
     w.add_argument("--config", "-c", required=True, help="sweep YAML (see configs/sweeps/)")
     w.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    w.add_argument("--baseline", choices=["posthoc"], help="the post-hoc pruning front of the same sweep")
     w.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # extra workers of --workers
     w.add_argument("overrides", nargs="*", help="sweep keys (n_trials=4) or training overrides (train.lr=3e-5)")
     w.set_defaults(func=cmd_sweep)

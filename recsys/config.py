@@ -148,7 +148,9 @@ class CompressConfig:
     budget_tolerance: float = 0.05  # the run meets its budget if the final ratio <= target + tolerance
     lagrangian_lr: float = 0.05  # learning rate of the budget multipliers (gradient ascent)
     item_weight: float = 1.0  # separate towers: weight of the item tower's params/FLOPs penalties (offline)
-    recovery_epochs: int = 0  # fine-tune the model with gates fixed (deterministic) after training
+    freeze_gates: bool = False  # fixed structure (recovery fine-tuning of a gated run given as model.init_from)
+    prune_ratio: float | None = None  # post-hoc pruning: close this fraction of heads and FFN groups by importance
+    prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
 
     def __post_init__(self):
         from recsys.models.gates import KINDS
@@ -156,8 +158,16 @@ class CompressConfig:
         for g in self.gates:
             if g not in KINDS:
                 raise ValueError(f"gates: unknown gate kind {g!r}{_suggest(g, KINDS)}")
-        for k in ("lambda_params", "lambda_flops", "lambda_latency", "item_weight", "recovery_epochs"):
+        for k in ("lambda_params", "lambda_flops", "lambda_latency", "item_weight"):
             _check_range(self, k, 0, None)
+        _check_positive(self, "prune_batches")
+        if self.prune_ratio is not None:
+            if not 0 <= self.prune_ratio < 1:
+                raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+            if not set(self.gates) & {"heads", "ffn"}:
+                raise ValueError("prune_ratio needs head or FFN gates (compress.gates=[heads, ffn])")
+        if (self.freeze_gates or self.prune_ratio is not None) and (self.penalised or self.budget_metric):
+            raise ValueError("a fixed structure (freeze_gates / prune_ratio) takes no penalties or budget")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
         _check_range(self, "budget_warmup", 0.0, 1.0)
         _check_range(self, "budget_tolerance", 0.0, None)

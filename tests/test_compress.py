@@ -106,3 +106,30 @@ def test_export_bad_input(penalised_run, small_synthetic_args, tmp_path, capsys)
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "run not found" in capsys.readouterr().err
+
+
+def test_posthoc_pruning_then_frozen_recovery(penalised_run, tiny_model):
+    """compress.prune_ratio prunes the dense run by importance once, then trains with the structure fixed."""
+    _, args, tmp = penalised_run
+    dense = _train(args, tmp, "dense")
+    run = _train(args, tmp, "posthoc", f"model.init_from={dense}", "compress.gates=[heads,ffn]",
+                 "compress.ffn_group=8", "compress.prune_ratio=0.5", "compress.prune_batches=2")
+    shape = json.loads((run / "metrics.json").read_text())["structure"]["user_shape"]
+    assert sum(len(layer["heads"]) for layer in shape["layers"]) == 4  # half of 2 × 4 heads
+    assert sum(layer["ffn"] for layer in shape["layers"]) == 64  # half of 2 × 64 neurons, in groups of 8
+    # the structure stayed fixed while training: every gate is still at ±10
+    from recsys.train import load_run
+    _, module = load_run(run)
+    assert module.user_tower.gates.heads.log_alpha.abs().eq(10).all()
+    # recovery of a gated run: init_from + freeze_gates keeps its hard shape
+    again = _train(args, tmp, "recover", f"model.init_from={run}", "compress.gates=[heads,ffn]",
+                   "compress.ffn_group=8", "compress.freeze_gates=true")
+    assert json.loads((again / "metrics.json").read_text())["structure"]["user_shape"] == shape
+
+
+def test_importance_ranks_units_and_keep_mask_is_global():
+    from recsys.efficiency.prune import keep_mask
+
+    scores = torch.tensor([[5.0, 1.0, 3.0], [0.5, 4.0, 2.0]])
+    assert keep_mask(scores, 0.5).tolist() == [[True, False, True], [False, True, False]]
+    assert keep_mask(scores, 0.99).sum() == 1  # at least one unit stays

@@ -214,3 +214,25 @@ def test_missing_base_config(tmp_path, tiny_model, capsys):
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "base.yaml"), str(tmp_path / "nope.yaml")))
     assert main(["sweep", "--config", str(cfg)]) == 2
     assert "base_config" in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_posthoc_baseline_front_and_comparison(tmp_path, tiny_model):
+    """`--baseline posthoc` spends the same trials on importance pruning of the same dense run and writes both
+    hypervolumes, normalised against one reference."""
+    dense_args = [f"model.encoder={tiny_model}", *[a for a in TRAIN if not a.startswith("compress.")],
+                  f"tracking.results_dir={tmp_path / 'results'}", "tracking.run_name=dense",
+                  "tracking.progress_bar=false"]
+    assert main(["train", *dense_args]) == 0
+    dense = tmp_path / "results" / "runs" / "dense"
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=2, reference_run=str(dense),
+                      overrides=[f"model.init_from={dense}", "compress.ffn_group=8"])
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    assert main(["sweep", "--config", str(cfg), "--baseline", "posthoc"]) == 0
+    post = tmp_path / "results" / "sweeps" / "test-posthoc"
+    trials = read_csv(post / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 2
+    assert all(0.1 <= float(t["param_compress.prune_ratio"]) <= 0.9 for t in trials)
+    cmp = json.loads((post / "comparison.json").read_text())
+    assert cmp["lambda_search"] >= 0 and cmp["posthoc"] >= 0 and cmp["reference_run"] == str(dense)
+    assert cmp["same_reference"]
+    assert len(list((tmp_path / "results" / "sweeps").glob("reference-*.json"))) == 1  # one shared reference

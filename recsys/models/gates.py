@@ -64,6 +64,7 @@ class TowerGates(nn.Module):
         if "output" in kinds and base.output_dim is None:
             raise ValueError("compress.gates: 'output' needs a projection (set model.projection_dim)")
         self.base, self.kinds, self.ffn_group = base, tuple(kinds), ffn_group
+        self.frozen = False  # fixed structure: deterministic values in train mode too, not trained
         n = base.n_layers
         self.heads = HardConcrete(n, base.n_heads_dense, init=init) if "heads" in kinds else None
         self.ffn = HardConcrete(n, base.ffn_dense // ffn_group, init=init) if "ffn" in kinds else None
@@ -81,8 +82,8 @@ class TowerGates(nn.Module):
             gate = getattr(self, name)
             if gate is None:
                 continue
-            z = self._expand(name, gate())
-            if not self.training and name.endswith("_block"):
+            z = self._expand(name, gate.deterministic() if self.frozen else gate())
+            if (self.frozen or not self.training) and name.endswith("_block"):
                 z = (z >= 0.5).to(z.dtype)
             out[name] = z
         return out
@@ -115,6 +116,18 @@ class TowerGates(nn.Module):
         z["attn_block"] = z["attn_block"] * (z["heads"] > 0).any(1)
         z["ffn_block"] = z["ffn_block"] * (z["ffn"] > 0).any(1)
         return z
+
+    def freeze(self) -> None:
+        """Fix the structure (e.g. for recovery fine-tuning): deterministic gates, no gradients."""
+        self.frozen = True
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def set_mask(self, keep: dict[str, torch.Tensor]) -> None:
+        """Open (log α = +10, ẑ = 1) or close (−10, ẑ = 0) units from boolean masks of the gated kinds'
+        shapes (heads [n_layers, n_heads], ffn [n_layers, ffn_dense / ffn_group], ...)."""
+        for name, mask in keep.items():
+            getattr(self, name).log_alpha.copy_(torch.where(mask, 10.0, -10.0))
 
     def hard_shape(self) -> Shape:
         """The compact shape: units with deterministic gate > 0, sublayers whose block gate is open."""

@@ -28,8 +28,11 @@ class Tower(nn.Module):
         """The encoder's shape with this tower's output dim (None without a projection)."""
         return self.encoder.shape.replace(output_dim=self.projection.out_features if self.projection else None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        gates = self.gates.values() if self.gates is not None else None  # sampled in train mode
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`gates` overrides this tower's own gate values (e.g. all-ones tensors for importance scores)."""
+        if gates is None and self.gates is not None:
+            gates = self.gates.values()  # sampled in train mode
         h = self.encoder(input_ids, attention_mask, gates=gates)  # [B, L, H]
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # [B, H]

@@ -62,6 +62,10 @@ class TwoTowerModule(pl.LightningModule):
                            if self.separate else self.user_tower)
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
         self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
+        if c.freeze_gates:
+            for tower in (self.user_tower, self.item_tower):
+                if tower.gates is not None:
+                    tower.gates.freeze()
         self.user_costs: CostNormaliser | None = None  # set up at fit start (needs the catalog size)
         self.item_costs: CostNormaliser | None = None
         if self.user_tower.dim != self.item_tower.dim:
@@ -101,6 +105,16 @@ class TwoTowerModule(pl.LightningModule):
         return self.user_tower.gates is not None
 
     def on_fit_start(self) -> None:
+        if self.compress_cfg.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
+            from itertools import islice
+
+            from recsys.efficiency.prune import prune_by_importance
+
+            loader = self.trainer.datamodule.train_dataloader()
+            batches = (self.transfer_batch_to_device(b, self.device, 0)
+                       for b in islice(loader, self.compress_cfg.prune_batches))
+            kept = prune_by_importance(self, batches, self.compress_cfg.prune_ratio)
+            print(f"pruned by importance: kept {kept}", flush=True)
         if not (self.gated and (self.penalty.active or self.budget is not None)):
             return
         from recsys.efficiency.predictor import load_or_build

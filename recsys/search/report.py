@@ -23,7 +23,8 @@ from recsys.tracking.records import write_json
 
 def _reference(cfg: SweepConfig, trials) -> dict[str, float]:
     """Reference value of every objective (dense run, measured once and cached; else the study's maximum)."""
-    cache = cfg.folder / "reference.json"
+    # shared by every study with this reference run (the λ study and its post-hoc twin normalise alike)
+    cache = cfg.folder.parent / f"reference-{Path(cfg.reference_run or 'none').name}.json"
     if cfg.reference_run:
         if cache.is_file():
             ref = json.loads(cache.read_text())
@@ -94,7 +95,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                          **{f"param_{k}": v for k, v in t.params.items()}, "run_dir": t.user_attrs["run_dir"]})
         _write_csv(folder / "pareto.csv", prow)
         own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done)
-        summary.update({"reference": ref, "reference_point": [1.0] * len(cfg.objectives),
+        summary.update({"reference": ref, "reference_run": cfg.reference_run, "reference_point": [1.0] * len(cfg.objectives),
                         "normalisation": "accuracy: 1 - v/ref; cost: c/ref (minimised)",
                         "hypervolume": hypervolume(points, len(cfg.objectives)), "pareto": prow})
         if wall_seconds:
@@ -162,3 +163,22 @@ def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     run.log({"trials": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
     run.finish()
+
+
+def compare_fronts(lambda_cfg: SweepConfig, posthoc_cfg: SweepConfig) -> dict | None:
+    """Both fronts' hypervolumes (same normalisation and reference) and their ratio, written next to the
+    post-hoc study as comparison.json; None until the λ study has a report."""
+    paths = [c.folder / "summary.json" for c in (lambda_cfg, posthoc_cfg)]
+    if not all(p.is_file() for p in paths):
+        return None
+    lam, post = (json.loads(p.read_text()) for p in paths)
+    if "hypervolume" not in lam or "hypervolume" not in post:
+        return None
+    out = {"lambda_search": lam["hypervolume"], "posthoc": post["hypervolume"],
+           "ratio": lam["hypervolume"] / post["hypervolume"] if post["hypervolume"] else float("inf"),
+           "reference_point": post["reference_point"], "reference": post.get("reference"),
+           "reference_run": post.get("reference_run"), "same_reference": lam.get("reference") == post.get("reference"),
+           "lambda_pareto": lam["pareto"], "posthoc_pareto": post["pareto"]}
+    path = posthoc_cfg.folder / "comparison.json"
+    write_json(path, out)
+    return {**out, "path": str(path)}
