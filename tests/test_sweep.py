@@ -27,7 +27,8 @@ def write_sweep(tmp_path: Path, tiny_model: str, **extra) -> Path:
     lines = [f"study: {extra.pop('study', 'test')}", f"base_config: {base}",
              f"results_dir: {tmp_path / 'results'}", "overrides:",
              *[f"  - {o}" for o in [f"model.encoder={tiny_model}", *TRAIN, *extra.pop("overrides", [])]],
-             f"objectives: {extra.pop('objectives', '[ndcg@10, params]')}", f"sampler: {extra.pop('sampler', 'random')}",
+             f"objectives: {extra.pop('objectives', '[ndcg@10, params]')}",
+             f"sampler: {extra.pop('sampler', 'random')}",
              f"n_trials: {extra.pop('n_trials', 3)}", "params:"]
     params = extra.pop("params", {"compress.lambda_params": "{low: 0.01, high: 4.0, log: true, zero: true}"})
     lines += [f"  {k}: {v}" for k, v in params.items()]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 
-
 def importance_scores(module, batches) -> dict[str, torch.Tensor]:
     """|∂ task loss / ∂ mask| summed over `batches`: heads [n_layers, n_heads], ffn [n_layers, groups]."""
     gates = module.user_tower.gates

@@ -37,7 +37,9 @@ def _reference(cfg: SweepConfig, trials) -> dict[str, float]:
 
 
 def normalise(values, objectives: list[str], ref: dict[str, float]) -> list[float]:
-    return [1 - v / ref[o] if OBJECTIVES[o] == "maximize" else v / ref[o] for v, o in zip(values, objectives)]
+    """Minimised, reference-relative objectives: accuracy 1 − v/ref, cost c/ref."""
+    pairs = zip(values, objectives, strict=True)
+    return [1 - v / ref[o] if OBJECTIVES[o] == "maximize" else v / ref[o] for v, o in pairs]
 
 
 def hypervolume(points: list[list[float]], n_objectives: int) -> float:
@@ -60,7 +62,10 @@ def _test_metrics(run_dir: str) -> dict:
     return json.loads(path.read_text())
 
 
-def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: int = 1) -> dict:
+def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: int = 1, since=None) -> dict:
+    """Write the study's tables, summary and figures. `wall_seconds` (of the invocation that started at the
+    datetime `since`, with `workers` processes) gives the sweep's overhead: the share of worker time not spent
+    in its trials' own training, evaluation and measurement."""
     from optuna.trial import TrialState
 
     study = open_study(cfg)
@@ -72,7 +77,8 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         row = {"trial": t.number, "state": t.state.name, "duration_s": duration,
                "run_dir": t.user_attrs.get("run_dir", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
-               "worker": t.user_attrs.get("worker", ""), "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
+               "worker": t.user_attrs.get("worker", ""),
+               "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
         row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
         row.update({f"param_{k}": v for k, v in t.params.items()})
         rows.append(row)
@@ -94,8 +100,10 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                          **{f"test_{k}": v for k, v in _test_metrics(t.user_attrs["run_dir"]).items()},
                          **{f"param_{k}": v for k, v in t.params.items()}, "run_dir": t.user_attrs["run_dir"]})
         _write_csv(folder / "pareto.csv", prow)
-        own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done)
-        summary.update({"reference": ref, "reference_run": cfg.reference_run, "reference_point": [1.0] * len(cfg.objectives),
+        own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done
+                  if since is None or (t.datetime_start and t.datetime_start >= since))
+        summary.update({"reference": ref, "reference_run": cfg.reference_run,
+                        "reference_point": [1.0] * len(cfg.objectives),
                         "normalisation": "accuracy: 1 - v/ref; cost: c/ref (minimised)",
                         "hypervolume": hypervolume(points, len(cfg.objectives)), "pareto": prow})
         if wall_seconds:

@@ -367,7 +367,7 @@ def run_worker(cfg: SweepConfig) -> int:
         lock.__enter__()
         held = True
 
-        def objective(trial):
+        def objective(trial, lock=lock):
             nonlocal held
             trial.set_user_attr("worker", _worker_id())
             lock.__exit__(None, None, None)  # the trial exists (RUNNING): other workers may count it now
@@ -405,9 +405,11 @@ def run_worker(cfg: SweepConfig) -> int:
 def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, overrides: list[str] | None = None,
           report: bool = True) -> dict | None:
     """Run the study with `workers` local processes (this one included), then write the report."""
+    import datetime as dt
+
     from recsys.search.report import write_report
 
-    t0 = time.perf_counter()
+    t0, since = time.perf_counter(), dt.datetime.now()
     procs = []
     if workers > 1:
         if config_path is None:
@@ -423,5 +425,5 @@ def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, ov
         print(f"warning: {sum(1 for c in codes if c)} worker process(es) exited with an error", file=sys.stderr)
     if not report:
         return None
-    return write_report(cfg, wall_seconds=time.perf_counter() - t0, workers=workers)
+    return write_report(cfg, wall_seconds=time.perf_counter() - t0, workers=workers, since=since)
 

@@ -1,0 +1,100 @@
+"""Reproduce results/benchmarks/ml100k_pareto.json and results/figures/ml100k_pareto_front.png: the λ-search
+front against the post-hoc pruning front on MovieLens-100K, same trial budget, same reference.
+
+    python experiments/ml100k_baselines.py --data-dir ../shared/datasets   # the dense run both fronts start from
+    python experiments/ml100k_pareto.py --data-dir ../shared/datasets      # ≈ 2 hours on 2 CPU cores, resumable
+
+Both studies live in journal files under results/sweeps/; re-running resumes them where they stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from recsys.errors import RecsysError
+from recsys.search.posthoc import posthoc_config
+from recsys.search.report import compare_fronts
+from recsys.search.sweep import load_sweep, sweep
+from recsys.tracking.records import environment_record, write_json
+
+
+def _points(summary: dict, objectives: list[str]) -> list[tuple[float, float]]:
+    return [(p[f"val_{objectives[1]}"], p[f"val_{objectives[0]}"]) for p in summary["pareto"]]
+
+
+def figure(lam: dict, post: dict, objectives: list[str], out: Path) -> None:
+    """Both studies' trials and fronts: cost (x) against validation accuracy (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for summary, label, color in ((lam, "λ search", "tab:blue"), (post, "post-hoc pruning", "tab:orange")):
+        pts = sorted(_points(summary, objectives))
+        ax.step([x for x, _ in pts], [y for _, y in pts], where="post", color=color, alpha=0.6)
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], color=color,
+                   label=f"{label} (HV {summary['hypervolume']:.3f})")
+    ref = lam["reference"]
+    ax.scatter([ref[objectives[1]]], [ref[objectives[0]]], marker="*", s=150, color="black", label="dense")
+    ax.set_xlabel(f"{objectives[1]} (online, measured)" + (" [ms]" if objectives[1] == "latency" else ""))
+    ax.set_ylabel(f"validation {objectives[0]}")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/sweeps/ml100k_lambda.yaml")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default="results/benchmarks/ml100k_pareto.json")
+    ap.add_argument("--figure", default="results/figures/ml100k_pareto_front.png")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    training = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    try:
+        own = [o for o in args.overrides if "." not in o.partition("=")[0]]
+        cfg = load_sweep(args.config, own, training + [o for o in args.overrides if o not in own])
+        t0 = time.perf_counter()
+        lam = sweep(cfg, workers=args.workers)
+        post_cfg = posthoc_config(cfg)
+        post = sweep(post_cfg, workers=args.workers)
+        wall = time.perf_counter() - t0
+        cmp = compare_fronts(cfg, post_cfg)
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = environment_record()
+    pareto = [{"trial": p["trial"], "params": {k[6:]: v for k, v in p.items() if k.startswith("param_")},
+               "val": {k[4:]: v for k, v in p.items() if k.startswith("val_")},
+               "test": {k[5:]: v for k, v in p.items() if k.startswith("test_")},
+               "measured_ms_median": p.get("val_latency")} for p in lam["pareto"]]
+    posthoc = [{"trial": p["trial"], "prune_ratio": p.get("param_compress.prune_ratio"),
+                "val": {k[4:]: v for k, v in p.items() if k.startswith("val_")},
+                "test": {k[5:]: v for k, v in p.items() if k.startswith("test_")},
+                "measured_ms_median": p.get("val_latency")} for p in post["pareto"]]
+    own_minutes = sum(s.get("wall_minutes", 0) * (1 - (s.get("overhead_fraction") or 0)) for s in (lam, post))
+    out = {"dataset": "ml-100k", "n_trials": lam["n_trials"], "n_trials_posthoc": post["n_trials"],
+           "sampler": cfg.sampler, "objectives": cfg.objectives, "directions": cfg.directions,
+           "reference_point": lam["reference_point"], "reference": lam["reference"],
+           "normalisation": lam["normalisation"],
+           "hypervolume": {"lambda_search": lam["hypervolume"], "posthoc": post["hypervolume"],
+                           "ratio": cmp["ratio"] if cmp else None},
+           "pareto": pareto, "posthoc": posthoc, "wall_minutes": wall / 60,
+           "overhead_fraction": max(0.0, 1 - own_minutes / (wall / 60)) if wall else None,
+           "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
+    write_json(Path(args.out), out)
+    figure(lam, post, cfg.objectives, Path(args.figure))
+    print(json.dumps(out["hypervolume"]), f"wall {out['wall_minutes']:.1f} min", f"→ {args.out}, {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
