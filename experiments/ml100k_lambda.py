@@ -26,6 +26,7 @@ from recsys.tracking.records import write_json
 from recsys.train import dataset_slug, load_data, load_run, train
 
 # gated runs: name → overrides on configs/ml100k_lambda.yaml (plus model.init_from=<dense run>)
+FAST = ["compress.gate_init=3.0", "compress.gate_lr=0.5", "compress.lagrangian_lr=1.0", "compress.budget_warmup=0.4"]
 RUNS: dict[str, list[str]] = {
     # the dense model trained on with the same recipe and examples, no gates: the fair accuracy reference
     "dense-ft": ["compress.gates=[]"],
@@ -35,11 +36,13 @@ RUNS: dict[str, list[str]] = {
     # asymmetric: a small user tower (latency budget) and a dense item tower in the same embedding space
     "asymmetric-0.2": ["model.shared_towers=false", "compress.budget_metric=latency", "compress.budget_target=0.2",
                        "compress.item_weight=0"],
-    "latency-20": ["compress.lambda_latency=20.0"],
-    "flops-20": ["compress.lambda_flops=20.0"],
-    "params-5": ["compress.lambda_params=5.0"],
-    "latency-5": ["compress.lambda_latency=5.0"],
-    "flops-5": ["compress.lambda_flops=5.0"],
+    # twice the examples and faster gates/multipliers, then recovery fine-tuning with the structure frozen
+    "budget-latency-0.2-long": ["compress.budget_metric=latency", "compress.budget_target=0.2",
+                                "train.examples_per_user=12", *FAST],
+    "budget-latency-0.2-long-recovered": ["model.init_from=results/runs/ml-100k-lambda-budget-latency-0.2-long",
+                                          "compress.freeze_gates=true"],
+    "latency-20": ["compress.lambda_latency=20.0", *FAST[:2]],
+    "flops-20": ["compress.lambda_flops=20.0", *FAST[:2]],
 }
 
 
