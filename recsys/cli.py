@@ -134,7 +134,10 @@ def cmd_profile(args) -> None:
         print(f"latency predictor on {out['n_shapes']} sub-shapes of {args.encoder} ({out['device']}, "
               f"{out['threads']} threads, seq {out['seq_len']}, batch 1): MAPE {out['mape']:.1f}%, "
               f"p90 |error| {out['p90_abs_pct_err']:.1f}%, {100 * out['within_10pct']:.0f}% within ±10%; "
-              f"measured {out['measured_ms_min']:.1f}–{out['measured_ms_max']:.1f} ms")
+              f"measured {out['measured_ms_min']:.1f}–{out['measured_ms_max']:.1f} ms\n"
+              f"relative to the dense model measured alongside (T/T_dense, what the λ-latency penalty uses): "
+              f"MAPE {out['mape_relative_to_dense']:.1f}%, p90 {out['p90_relative_to_dense']:.1f}%, "
+              f"{100 * out['within_10pct_relative_to_dense']:.0f}% within ±10%")
     else:
         out = profile.profile(args.encoder, args.shape, args.seq_len, args.items, n_threads=args.threads)
         rows = [("params", f"{out['params'] / 1e6:.2f} M"), ("FLOPs (user, batch 1)", f"{out['flops'] / 1e9:.3f} G"),

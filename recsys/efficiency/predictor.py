@@ -76,7 +76,7 @@ class LatencyTables:
         return torch.tensor(getattr(self, name), dtype=torch.float64)
 
 
-TABLES_VERSION = 2  # bump when the table format or the calibration changes: cached tables are rebuilt
+TABLES_VERSION = 3  # bump when the table format or the calibration changes: cached tables are rebuilt
 
 
 def device_key(dtype: str = "float32", n_threads: int | None = None) -> dict:
@@ -197,9 +197,11 @@ def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float])
         rows.append((float(attn), float(ffn), float(fixed)))
     from scipy.optimize import nnls
 
-    x = np.array(rows)
+    x, m = np.array(rows), np.asarray(measured_ms)
     a = np.stack([x[:, 0], x[:, 1], np.ones(len(x))], axis=1)
-    coef, _ = nnls(a, np.asarray(measured_ms) - x[:, 2])  # non-negative: no shape is predicted below zero
+    # relative least squares (rows weighted by 1/measured: the error that matters is a percentage), non-negative
+    # coefficients so that no shape is predicted below its embeddings + pooling
+    coef, _ = nnls(a / m[:, None], (m - x[:, 2]) / m)
     tab.attn_scale, tab.ffn_scale, tab.overhead_ms = (float(c) for c in coef)
 
 
@@ -235,7 +237,8 @@ def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = Tru
     tab = build_tables(base, progress=progress, **build_kw)
     rng = np.random.default_rng(12345)  # calibration shapes: not the validation draws (seed 0)
     dense = base.dense().replace(batch=1, output_dim=None)
-    shapes = [dense] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 1)]
+    empty = dense.replace(layers=tuple(LayerShape((), 0) for _ in dense.layers))  # embeddings + pooling only
+    shapes = [dense, empty] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 2)]
     with threads(None), exclusive():
         measured = measure_towers(shapes)
     calibrate(tab, shapes, measured)
