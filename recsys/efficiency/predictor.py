@@ -195,13 +195,14 @@ def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float])
         s = SoftShape.from_shape(shape)
         attn, ffn, fixed = _block_sums(tab, s.heads.sum(1), s.ffn.sum(1), s.attn_block, s.ffn_block, shape.seq_len)
         rows.append((float(attn), float(ffn), float(fixed)))
-    from scipy.optimize import nnls
+    from scipy.optimize import lsq_linear
 
     x, m = np.array(rows), np.asarray(measured_ms)
     a = np.stack([x[:, 0], x[:, 1], np.ones(len(x))], axis=1)
-    # relative least squares (rows weighted by 1/measured: the error that matters is a percentage), non-negative
-    # coefficients so that no shape is predicted below its embeddings + pooling
-    coef, _ = nnls(a / m[:, None], (m - x[:, 2]) / m)
+    # relative least squares (rows weighted by 1/measured: the error that matters is a percentage); the scales
+    # stay within [1/4, 4] of the operators' own times (so the prediction keeps growing with structure even when
+    # noise dominates a tiny model's calibration) and the overhead is non-negative
+    coef = lsq_linear(a / m[:, None], (m - x[:, 2]) / m, bounds=([0.25, 0.25, 0.0], [4.0, 4.0, np.inf])).x
     tab.attn_scale, tab.ffn_scale, tab.overhead_ms = (float(c) for c in coef)
 
 
@@ -218,8 +219,10 @@ def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3) -> 
     return [timings[i].p50 for i in range(len(shapes))]
 
 
-def load_or_build(base: Shape, cache_dir: Path = CACHE_DIR, progress: bool = True, **build_kw) -> LatencyTables:
-    """Tables for this device and `base`'s architecture, from the cache or measured now (and cached)."""
+def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = True, **build_kw) -> LatencyTables:
+    """Tables for this device and `base`'s architecture, from the cache (default `CACHE_DIR`, i.e.
+    $RECSYS_CACHE/latency) or measured now (and cached)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     key = device_key("float32")
     path = _cache_path(key, base, cache_dir)
     if path.is_file():

@@ -50,8 +50,11 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
     dense = _dense_shape(encoder, seq_len)
     shape = load_shape(shape_path).replace(seq_len=seq_len, batch=1) if shape_path else dense.replace(batch=1)
     with threads(n_threads):
+        try:
+            tower = _tower(shape, encoder)  # checks the shape against the checkpoint before any measuring
+        except RecsysError as e:
+            raise RecsysError(f"{shape_path}: {e}" if shape_path else str(e)) from None
         tab = load_or_build(dense.replace(batch=1), progress=progress)
-        tower = _tower(shape, encoder)
         user_ms = measure(user_tower_call(tower, seq_len), min_seconds=1.0)
         thr = item_throughput(tower, batch=64, seq_len=24)
     on = online_cost(shape, n_items)
