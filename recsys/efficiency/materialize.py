@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from recsys.efficiency.shape import Shape
 from recsys.models.encoder import BertEncoder
 from recsys.models.tower import Tower
 
@@ -65,7 +64,3 @@ def materialize(tower: Tower) -> Tower:
         out.projection.bias.copy_(tower.projection.bias[dims] * scale)
     return out.eval()
 
-
-def compact_shape(tower: Tower) -> Shape:
-    """The shape a tower materializes to (its own shape when it has no gates)."""
-    return tower.gates.hard_shape() if tower.gates is not None else tower.shape

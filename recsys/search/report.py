@@ -128,8 +128,18 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _figures(study, cfg: SweepConfig, ref: dict[str, float], out: Path) -> None:
     """Optuna's Pareto front, hypervolume history and parameter importances, as HTML (plotly) and PNG
     (matplotlib). A figure Optuna cannot draw for this study (too few trials) is skipped with a note."""
-    import optuna.visualization as vis
-    import optuna.visualization.matplotlib as vmpl
+    import warnings
+
+    try:
+        import matplotlib
+        import optuna.visualization as vis
+        import optuna.visualization.matplotlib as vmpl
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"note: figures skipped ({e}; pip install '.[notebooks]')", file=sys.stderr)
+        return
 
     out.mkdir(parents=True, exist_ok=True)
     names = cfg.objectives
@@ -140,19 +150,14 @@ def _figures(study, cfg: SweepConfig, ref: dict[str, float], out: Path) -> None:
     if len(names) > 1:
         kinds["pareto_front"] = lambda m: m.plot_pareto_front(study, target_names=names)
         kinds["hypervolume_history"] = lambda m: m.plot_hypervolume_history(study, raw_ref)
-    import warnings
-
     for kind, draw in kinds.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 draw(vis).write_html(str(out / f"{kind}.html"))
-                import matplotlib
-                matplotlib.use("Agg")
                 ax = draw(vmpl)
                 fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
                 fig.savefig(out / f"{kind}.png", dpi=120, bbox_inches="tight")
-                import matplotlib.pyplot as plt
                 plt.close(fig)
         except (ImportError, ValueError, RuntimeError, ZeroDivisionError) as e:
             print(f"note: figure {kind} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)

@@ -267,7 +267,7 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str,
 
     run_cfg, module = load_run(run_dir)
     seq = seq_len or run_cfg.data.user_max_tokens
-    n_items = _catalog_size(run_dir)
+    n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
     timing = online_latency(tower, seq, n_items)
     shape = tower.shape.replace(seq_len=seq, batch=1)
@@ -276,14 +276,15 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str,
             "params": c["user_params"], "flops": c["flops"], "n_items": n_items}
 
 
-def _catalog_size(run_dir: str | Path) -> int:
+def _catalog_size(run_dir: str | Path, run_cfg) -> int:
+    """Items ranked by the run: recorded in metrics.json (runs before that field: the dataset, loaded again)."""
     import json
 
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     if "catalog_items" in metrics:
         return int(metrics["catalog_items"])
-    from recsys.train import load_data, load_run
-    return load_data(load_run(run_dir)[0].data)[1].n_items
+    from recsys.train import load_data
+    return load_data(run_cfg.data)[1].n_items
 
 
 class Reporter(pl.Callback):
