@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                          "val_ndcg@10": metrics["val"]["ndcg@10"], "train_minutes": metrics["train_minutes"]})
         seq, n_items = cfg.data.user_max_tokens, load_data(cfg.data)[1].n_items
         dense_shape = towers["dense"].encoder.shape.replace(seq_len=seq, batch=1)
-        tables = load_or_build(dense_shape)
+        tables = load_or_build(dense_shape, anchor=True)
         calls = {}
         for name, tower in towers.items():
             user, search = user_tower_call(tower, seq), retrieval_call(n_items, tower.dim)

@@ -34,6 +34,17 @@ def test_tables_are_cached_by_device_key(tables):
     assert again.attn_ms == tab.attn_ms and again.overhead_ms == tab.overhead_ms
 
 
+def test_anchor_refits_calibration_on_cached_tables(tables):
+    tab, cache, kw = tables
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob("tables-*.json")}
+    anchored = load_or_build(BASE, cache_dir=cache, anchor=True, **kw)
+    assert anchored.attn_ms == tab.attn_ms  # the operator tables come from the cache, unchanged
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("tables-*.json")} == before  # nothing rewritten
+    # the constants are refitted on measurements taken now: they stay in their bounds and predict the dense tower
+    assert 0.25 <= anchored.attn_scale <= 4 and 0.25 <= anchored.ffn_scale <= 4 and anchored.overhead_ms >= 0
+    assert predict(anchored, BASE) > predict(anchored, BASE.replace(layers=(LayerShape((), 0),) * 2))
+
+
 def test_prediction_is_monotone_in_structure_and_dense_is_calibrated(tables):
     tab, _, _ = tables
     dense = predict(tab, BASE)

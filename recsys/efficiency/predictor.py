@@ -219,9 +219,33 @@ def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3) -> 
     return [timings[i].p50 for i in range(len(shapes))]
 
 
-def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = True, **build_kw) -> LatencyTables:
+def calibration_shapes(base: Shape) -> list[Shape]:
+    """The dense tower, the empty tower (embeddings + pooling only) and random sub-shapes drawn apart from the
+    validation draws (seed 0)."""
+    rng = np.random.default_rng(12345)
+    dense = base.dense().replace(batch=1, output_dim=None)
+    empty = dense.replace(layers=tuple(LayerShape((), 0) for _ in dense.layers))
+    return [dense, empty] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 2)]
+
+
+def recalibrate(tab: LatencyTables, base: Shape) -> LatencyTables:
+    """Measure the calibration shapes now (interleaved, under the measurement lock) and refit the three
+    calibration constants: the operator tables keep their shape, the constants follow this machine's current
+    speed, which drifts 10-30% over minutes on a shared VM."""
+    shapes = calibration_shapes(base)
+    with threads(None), exclusive():
+        measured = measure_towers(shapes)
+    calibrate(tab, shapes, measured)
+    return tab
+
+
+def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = True, anchor: bool = False,
+                  **build_kw) -> LatencyTables:
     """Tables for this device and `base`'s architecture, from the cache (default `CACHE_DIR`, i.e.
-    $RECSYS_CACHE/latency) or measured now (and cached)."""
+    $RECSYS_CACHE/latency) or measured now (and cached).
+
+    `anchor=True` refits the calibration constants on shapes measured now (about 10 s for MiniLM) — for
+    absolute milliseconds; ratios to the dense model (what the λ-latency penalty uses) do not need it."""
     cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     key = device_key("float32")
     path = _cache_path(key, base, cache_dir)
@@ -229,7 +253,8 @@ def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = T
         try:
             data = json.loads(path.read_text())
             if data.get("key") == key:
-                return LatencyTables(**data)
+                tab = LatencyTables(**data)
+                return recalibrate(tab, base) if anchor else tab
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
             pass  # a corrupt or outdated cache file is rebuilt below
     try:
@@ -237,14 +262,7 @@ def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = T
     except OSError as e:
         raise RecsysError(f"latency cache folder {path.parent}: cannot create it ({e.strerror}); "
                           "set $RECSYS_CACHE to a writable folder") from None
-    tab = build_tables(base, progress=progress, **build_kw)
-    rng = np.random.default_rng(12345)  # calibration shapes: not the validation draws (seed 0)
-    dense = base.dense().replace(batch=1, output_dim=None)
-    empty = dense.replace(layers=tuple(LayerShape((), 0) for _ in dense.layers))  # embeddings + pooling only
-    shapes = [dense, empty] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 2)]
-    with threads(None), exclusive():
-        measured = measure_towers(shapes)
-    calibrate(tab, shapes, measured)
+    tab = recalibrate(build_tables(base, progress=progress, **build_kw), base)
     write_json(path, vars(tab))
     return tab
 

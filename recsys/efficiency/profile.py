@@ -9,7 +9,8 @@ import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
 from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, threads, user_tower_call
-from recsys.efficiency.predictor import load_or_build, measure_towers, predict, random_subshape
+from recsys.efficiency.predictor import (calibrate, calibration_shapes, load_or_build, measure_towers, predict,
+                                        random_subshape)
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
 
@@ -54,7 +55,7 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
             tower = _tower(shape, encoder)  # checks the shape against the checkpoint before any measuring
         except RecsysError as e:
             raise RecsysError(f"{shape_path}: {e}" if shape_path else str(e)) from None
-        tab = load_or_build(dense.replace(batch=1), progress=progress)
+        tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True)
         user_ms = measure(user_tower_call(tower, seq_len), min_seconds=1.0)
         thr = item_throughput(tower, batch=64, seq_len=24)
     on = online_cost(shape, n_items)
@@ -66,14 +67,19 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
 def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,
              n_threads: int | None = None, progress: bool = True, rounds: int = 5) -> dict:
     """Measure (interleaved, in `rounds`) and predict `n_shapes` random sub-shapes of `encoder` (the dense
-    shape first); report the predictor's error. Random weights: latency does not depend on their values."""
+    shape first), the predictor's calibration shapes measured alongside; report the predictor's error. Random weights: latency does not depend on their values."""
     dense = _dense_shape(encoder, seq_len).replace(batch=1)
     rng = np.random.default_rng(seed)
     shapes = [dense] + [random_subshape(dense, rng) for _ in range(n_shapes - 1)]
+    cal = calibration_shapes(dense)
     with threads(n_threads):
         tab = load_or_build(dense, progress=progress)
         with exclusive():
-            measured = measure_towers(shapes, rounds=rounds)
+            measured = measure_towers(shapes + cal, rounds=rounds)
+    # The calibration shapes are measured in the same rounds (this machine's speed drifts 10-30% within
+    # minutes) and the three constants refitted on them alone: the validation shapes are never fitted.
+    measured, cal_measured = measured[:len(shapes)], measured[len(shapes):]
+    calibrate(tab, cal, cal_measured)
     rows = [{"shape": s.to_dict(), "measured_ms": ms, "predicted_ms": predict(tab, s)}
             for s, ms in zip(shapes, measured, strict=True)]
     m = np.array([r["measured_ms"] for r in rows])
