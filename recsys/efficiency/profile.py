@@ -9,8 +9,14 @@ import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
 from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, threads, user_tower_call
-from recsys.efficiency.predictor import (calibrate, calibration_shapes, load_or_build, measure_towers, predict,
-                                        random_subshape)
+from recsys.efficiency.predictor import (
+    calibrate,
+    calibration_shapes,
+    load_or_build,
+    measure_towers,
+    predict,
+    random_subshape,
+)
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
 
@@ -67,7 +73,8 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
 def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,
              n_threads: int | None = None, progress: bool = True, rounds: int = 5) -> dict:
     """Measure (interleaved, in `rounds`) and predict `n_shapes` random sub-shapes of `encoder` (the dense
-    shape first), the predictor's calibration shapes measured alongside; report the predictor's error. Random weights: latency does not depend on their values."""
+    shape first), the predictor's calibration shapes measured alongside; report the predictor's error.
+    Random weights: latency does not depend on their values."""
     dense = _dense_shape(encoder, seq_len).replace(batch=1)
     rng = np.random.default_rng(seed)
     shapes = [dense] + [random_subshape(dense, rng) for _ in range(n_shapes - 1)]
