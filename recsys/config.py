@@ -57,9 +57,13 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager
     dropout: float | None = None  # hidden + attention dropout while training (None = the checkpoint's)
     init_from: str | None = None  # a run folder (or .ckpt) whose tower weights initialise this model's
+    layers: list[int] | None = None  # keep only these encoder layers (0-based, e.g. [1, 3, 5]: a 3-layer student)
 
     def __post_init__(self):
         _check_positive(self, "temperature")
+        if self.layers is not None and (not self.layers or sorted(set(self.layers)) != self.layers
+                                        or self.layers[0] < 0):
+            raise ValueError(f"layers must be increasing, distinct, non-negative layer indices; got {self.layers}")
         if self.dropout is not None:
             _check_range(self, "dropout", 0.0, 1.0)
         if self.projection_dim is not None:
@@ -151,6 +155,9 @@ class CompressConfig:
     freeze_gates: bool = False  # fixed structure (recovery fine-tuning of a gated run given as model.init_from)
     prune_ratio: float | None = None  # post-hoc pruning: close this fraction of heads and FFN groups by importance
     prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
+    precision: str = "fp32"  # precision the towers are served at: fp32 | bf16 | int8 (recsys/efficiency/quantize.py)
+    qat: bool = False  # int8 quantization-aware training: fake-quantised Linear layers (needs precision int8)
+    quantize_layers: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # + projection
 
     def __post_init__(self):
         from recsys.models.gates import KINDS
@@ -168,6 +175,12 @@ class CompressConfig:
                 raise ValueError("prune_ratio needs head or FFN gates (compress.gates=[heads, ffn])")
         if (self.freeze_gates or self.prune_ratio is not None) and (self.penalised or self.budget_metric):
             raise ValueError("a fixed structure (freeze_gates / prune_ratio) takes no penalties or budget")
+        from recsys.efficiency.quantize import PRECISIONS, check_layers
+
+        _check_choice(self, "precision", PRECISIONS)
+        check_layers(self.quantize_layers)
+        if self.qat and self.precision != "int8":
+            raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
         _check_range(self, "budget_warmup", 0.0, 1.0)
         _check_range(self, "budget_tolerance", 0.0, None)
@@ -188,6 +201,27 @@ class CompressConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a finished run (`recsys train`): loss = task + alpha·distill + hidden_weight·hidden
+    (+ structure penalties). See recsys/losses/distill.py and recsys/models/teacher.py."""
+
+    teacher: str | None = None  # a finished run directory (e.g. the dense fine-tuned two-tower); None = off
+    alpha: float = 1.0  # weight of the score/embedding distillation term
+    loss: str = "kl"  # kl (in-batch score distributions) | margin_mse | embedding_mse
+    temperature: float = 1.0  # softening temperature of the kl loss (applied to the logits)
+    hidden_weight: float = 0.0  # weight of layer-wise hidden-state distillation of the user tower (0 = off)
+    layer_map: list[int] | None = None  # student layer i → teacher layer (0 = none); default uniform
+
+    def __post_init__(self):
+        from recsys.losses.distill import KINDS
+
+        _check_choice(self, "loss", KINDS)
+        _check_range(self, "alpha", 0, None)
+        _check_range(self, "hidden_weight", 0, None)
+        _check_positive(self, "temperature")
+
+
+@dataclass
 class RunConfig:
     """Everything `recsys train` needs; saved resolved with every run."""
 
@@ -195,6 +229,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:

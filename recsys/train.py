@@ -125,7 +125,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
     ds, split = load_data(cfg.data)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress))
+    module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress),
+                            distill=asdict(cfg.distill))
     if cfg.model.init_from:
         init_weights(module, cfg.model.init_from)
     dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)
@@ -217,13 +218,15 @@ def load_checkpoint_state(path: Path) -> dict:
 
 
 def load_run(target: str | Path) -> tuple[RunConfig, "TwoTowerModule"]:  # noqa: F821
-    """A trained run's resolved config and its module with the checkpoint's weights (eval mode, CPU)."""
+    """A trained run's resolved config and its module with the checkpoint's weights (eval mode, CPU). A
+    distilled run loads without its teacher (the distillation projections are training-only)."""
     from recsys.models.two_tower import TwoTowerModule
 
     run_dir, ckpt = _run_paths(target)
     cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
     state = load_checkpoint_state(ckpt)
     module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress))
+    state = {k: v for k, v in state.items() if not k.startswith("distiller.")}
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -243,7 +246,8 @@ def init_weights(module, source: str | Path) -> None:
             if state[k].shape != v.shape:
                 raise RecsysError(f"model.init_from: {ckpt}: {k} has shape {tuple(state[k].shape)}, "
                                   f"this model {tuple(v.shape)}")
-        elif not (".gates." in k or k.startswith("budget.") or (fresh_projection and ".projection." in k)):
+        elif not (".gates." in k or k.startswith(("budget.", "distiller."))
+                  or (fresh_projection and ".projection." in k)):
             raise RecsysError(f"model.init_from: {ckpt} has no weight {k} (a different architecture?)")
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 

@@ -64,6 +64,7 @@ class RecDataModule(pl.LightningDataModule):
         return {
             "user": tokenize(self.tokenizer, utexts, max_user),
             "item": tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens),
+            "items": torch.tensor(items),  # [B + M] item ids (a teacher's cached item embeddings are looked up)
             "false_negatives": fn,
             "log_q": self.log_q[items] if self.train_cfg.logq_correction else None,
         }

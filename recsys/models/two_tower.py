@@ -8,19 +8,21 @@ catalog (item embeddings recomputed once per validation).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torchmetrics.aggregation import CatMetric
 
-from recsys.config import CompressConfig, ModelConfig, TrainConfig, from_dict
+from recsys.config import CompressConfig, DistillConfig, ModelConfig, TrainConfig, from_dict
 from recsys.efficiency.cost import SoftShape
 from recsys.errors import RecsysError
 from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
 from recsys.models.gates import TowerGates
+from recsys.models.teacher import capture_hidden
 from recsys.models.tower import Tower, encode_texts
 from recsys.retrieval.evaluate import ranks_for_users
 from recsys.retrieval.metrics import per_user_metrics, summarize
@@ -33,6 +35,11 @@ def build_tower(name: str, cfg: ModelConfig, compress: CompressConfig | None = N
     projection get an identity-initialised projection (the same embeddings, with dims that can be cut)."""
     enc = BertEncoder.from_pretrained(resolve_model_path(name), attn_implementation=cfg.attn_implementation,
                                       dropout=cfg.dropout)
+    if cfg.layers is not None:  # a fewer-layer student: the checkpoint's chosen layers, in order
+        if cfg.layers[-1] >= enc.shape.n_layers:
+            raise RecsysError(f"model.layers: {cfg.layers} — {name} has {enc.shape.n_layers} layers (0-based indices)")
+        enc.layers = torch.nn.ModuleList(enc.layers[i] for i in cfg.layers)
+        enc.shape = enc.shape.replace(layers=tuple(enc.shape.layers[i] for i in cfg.layers))
     gates = compress.gates if compress is not None else []
     dim = cfg.projection_dim or (enc.shape.hidden if "output" in gates else None)
     tower = Tower(enc, enc.shape.hidden, dim)
@@ -49,12 +56,13 @@ def build_tower(name: str, cfg: ModelConfig, compress: CompressConfig | None = N
 
 
 class TwoTowerModule(pl.LightningModule):
-    def __init__(self, model: dict, train: dict, compress: dict | None = None):
+    def __init__(self, model: dict, train: dict, compress: dict | None = None, distill: dict | None = None):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: checkpoints load with weights_only=True
         self.model_cfg: ModelConfig = from_dict(ModelConfig, model, "model")
         self.train_cfg: TrainConfig = from_dict(TrainConfig, train, "train")
         self.compress_cfg: CompressConfig = from_dict(CompressConfig, compress or {}, "compress")
+        self.distill_cfg: DistillConfig = from_dict(DistillConfig, distill or {}, "distill")
         c = self.compress_cfg
         self.user_tower = build_tower(self.model_cfg.encoder, self.model_cfg, c)
         self.separate = self.model_cfg.item_encoder is not None or not self.model_cfg.shared_towers
@@ -62,6 +70,10 @@ class TwoTowerModule(pl.LightningModule):
                            if self.separate else self.user_tower)
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
         self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
+        if c.qat:  # before any optimizer and before loading a QAT checkpoint: the parameters are kept
+            from recsys.efficiency.quantize import prepare_qat
+            for tower in {id(t): t for t in (self.user_tower, self.item_tower)}.values():
+                prepare_qat(tower, c.quantize_layers)
         if c.freeze_gates:
             for tower in (self.user_tower, self.item_tower):
                 if tower.gates is not None:
@@ -77,6 +89,11 @@ class TwoTowerModule(pl.LightningModule):
         else:
             self.register_buffer("log_temperature", log_t)
         self.loss = InBatchSoftmaxLoss()
+        self.distiller = None
+        if self.distill_cfg.teacher:
+            from recsys.models.teacher import Distiller
+            self.distiller = Distiller(self.distill_cfg, self.model_cfg.encoder, self.user_tower.dim,
+                                       self.user_tower.encoder.shape, self.model_cfg.layers)
         self.val_ranks, self.val_users = CatMetric(), CatMetric()
         self._item_emb: torch.Tensor | None = None
 
@@ -86,11 +103,17 @@ class TwoTowerModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        u = self.user_tower(**batch["user"])  # [B, d]
+        hidden = self.distiller is not None and self.distiller.hidden is not None
+        with capture_hidden(self.user_tower.encoder) if hidden else nullcontext() as student_hidden:
+            u = self.user_tower(**batch["user"])  # [B, d]
         i = self.item_tower(**batch["item"])  # [B + M, d]
         task = self.loss(u, i, self.temperature, batch["false_negatives"], batch.get("log_q"))
         terms = {"train/task_loss": task, "train/temperature": self.temperature}
         loss = task
+        if self.distiller is not None:
+            distill, distill_terms = self.distiller(u, i, self.temperature, batch, student_hidden)
+            loss = loss + distill
+            terms.update(distill_terms)
         if self.user_costs is not None:
             structure, cost_terms = self.structure_loss()
             loss = loss + structure
@@ -105,6 +128,9 @@ class TwoTowerModule(pl.LightningModule):
         return self.user_tower.gates is not None
 
     def on_fit_start(self) -> None:
+        if self.distiller is not None:
+            dm = self.trainer.datamodule
+            self.distiller.cache_items(dm.item_texts, dm.tokenizer, dm.data_cfg.item_max_tokens, self.device)
         if self.compress_cfg.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
             from itertools import islice
 

@@ -1,0 +1,179 @@
+"""Reproduce results/benchmarks/ml100k_compression.json: precision (bf16, PTQ and QAT int8), distillation and
+the three stacked with structure, on MovieLens-100K.
+
+    python experiments/ml100k_baselines.py --data-dir ../shared/datasets      # dense runs, seeds 0-2 (teachers)
+    python experiments/ml100k_compression.py --data-dir ../shared/datasets    # ≈ 3 hours on 2 CPU cores, resumable
+
+Runs (a run whose folder holds metrics.json is reused):
+- `ft` / `qat`: one more epoch of 6 examples/user from each dense seed (configs/ml100k_lambda.yaml, no gates),
+  in float / with int8 fake-quantisation (QAT); `ft` is the fair accuracy reference for QAT's extra training.
+- `student` / `student-distill`: a 3-layer MiniLM (layers 1, 3, 5 of the checkpoint) trained with the full recipe
+  (configs/ml100k.yaml), without / with KL distillation from the dense seed of the same number.
+- `stacked`: the distilled student, then a latency budget (structure) with distillation and QAT together.
+Every row is evaluated on the test split with the model it serves (int8: torchao's real int8 kernels; bf16: a
+bf16 cast), and its online request (user tower at batch 1 + exact retrieval) measured interleaved with all others
+in one process, through the row's serving route and through the best fp32 route.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.config import load_config
+from recsys.efficiency.latency import environment, exclusive, interleaved, retrieval_call, threads, tower_inputs
+from recsys.efficiency.materialize import materialize
+from recsys.efficiency.quantize import quantize_int8, serve
+from recsys.errors import RecsysError
+from recsys.retrieval.evaluate import evaluate, tower_scorers
+from recsys.retrieval.metrics import compare
+from recsys.tracking.records import write_json
+from recsys.train import load_data, load_run, train
+
+SEEDS = (0, 1, 2)
+STUDENT = ["model.layers=[1,3,5]"]
+DISTILL = ["distill.alpha=1.0", "distill.loss=kl", "distill.temperature=1.0"]
+FT = ["compress.gates=[]", "train.examples_per_user=6"]
+
+
+def runs(dense: str) -> dict[str, tuple[str, list[str]]]:
+    """name → (config, overrides); `{seed}` and `{dense}` are filled in per seed."""
+    return {
+        "ft-seed{seed}": ("configs/ml100k_lambda.yaml", [f"model.init_from={dense}", *FT]),
+        "qat-seed{seed}": ("configs/ml100k_lambda.yaml", [f"model.init_from={dense}", *FT, "compress.precision=int8",
+                                                           "compress.qat=true"]),
+        "student-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}"]),
+        "student-distill-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}",
+                                                               f"distill.teacher={dense}", *DISTILL]),
+    }
+
+
+STACKED = ("configs/ml100k_lambda.yaml", ["compress.budget_metric=latency", "compress.budget_target=0.33",
+                                          "compress.precision=int8", "compress.qat=true", *DISTILL])
+
+
+def _train(root: Path, name: str, config: str, over: list[str]) -> Path:
+    run = root / name
+    if not (run / "metrics.json").is_file():
+        print(f"== training {name}", flush=True)
+        train(load_config(config, over + [f"tracking.run_name={name}", "tracking.progress_bar=false"]))
+    return run
+
+
+def _served(tower, precision: str):
+    """The tower a row serves, for evaluation (eager: compiled kernels compute the same numbers)."""
+    if precision == "int8":
+        return quantize_int8(materialize(tower))
+    t = materialize(tower)
+    return t.to(torch.bfloat16) if precision == "bf16" else t
+
+
+def _evaluate(module, precision: str, data) -> tuple[dict, np.ndarray]:
+    ds, split, tokenizer, data_cfg = data
+    user = _served(module.user_tower, precision)
+    item = user if module.item_tower is module.user_tower else _served(module.item_tower, precision)
+    scorer = tower_scorers(user, item, tokenizer, ds.item_texts, split, data_cfg, ("test",), progress=False)["test"]
+    res = evaluate(scorer, split, "test", progress=False)
+    return res.metrics, res.per_user["ndcg@10"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dense", default="results/runs/ml-100k-bench-seed{seed}", help="dense run of each seed")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--out", default="results/benchmarks/ml100k_compression.json")
+    args = ap.parse_args(argv)
+    over = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        cfg = load_config("configs/ml100k.yaml", over)
+        root = Path(cfg.tracking.results_dir) / "runs"
+        dense = {s: Path(args.dense.format(seed=s)) for s in seeds}
+        for d in dense.values():
+            if not (d / "metrics.json").is_file():
+                raise RecsysError(f"--dense: {d} is not a finished run (run experiments/ml100k_baselines.py)")
+        trained: dict[str, dict[int, Path]] = {}
+        for s in seeds:
+            for name, (config, o) in runs(str(dense[s])).items():
+                o = [x.format(seed=s) for x in o]
+                trained.setdefault(name.split("-seed")[0], {})[s] = _train(root, name.format(seed=s), config, over + o)
+        s0 = seeds[0]
+        stacked = _train(root, f"stacked-seed{s0}", STACKED[0],
+                         over + [f"model.init_from={trained['student-distill'][s0]}", f"distill.teacher={dense[s0]}",
+                                 *STUDENT, *STACKED[1]])
+        from recsys.models.encoder import load_tokenizer, resolve_model_path
+        ds, split = load_data(cfg.data)
+        data = (ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data)
+        # rows: name → (precision served, {seed: run})
+        table = {"dense_fp32": ("fp32", dense), "dense_bf16": ("bf16", dense), "ptq_int8": ("int8", dense),
+                 "ft_fp32": ("fp32", trained["ft"]), "qat_int8": ("int8", trained["qat"]),
+                 "student_nodistill": ("fp32", trained["student"]),
+                 "student_distill": ("fp32", trained["student-distill"]),
+                 "stacked": ("int8", {s0: stacked})}
+        rows, towers, per_user = [], {}, {}
+        for name, (precision, by_seed) in table.items():
+            metrics, users = [], []
+            for s, run in by_seed.items():
+                print(f"== evaluating {name} seed {s}", flush=True)
+                _, module = load_run(run)
+                m, pu = _evaluate(module, precision, data)
+                metrics.append(m)
+                users.append(pu)
+                if s == s0:
+                    towers[name] = (materialize(module.user_tower), precision)
+            per_user[name] = users
+            rows.append({"name": name, "precision": precision, "seeds": list(by_seed),
+                         "runs": [str(r) for r in by_seed.values()],
+                         "ndcg@10": float(np.mean([m["ndcg@10"] for m in metrics])),
+                         "ndcg@10_std": float(np.std([m["ndcg@10"] for m in metrics])),
+                         "recall@10": float(np.mean([m["recall@10"] for m in metrics])),
+                         "per_seed_ndcg@10": [m["ndcg@10"] for m in metrics]})
+        seq, n_items = cfg.data.user_max_tokens, split.n_items
+        example = tower_inputs(1, seq)
+        route = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}
+        calls = {}
+        for name, (tower, precision) in towers.items():
+            search = retrieval_call(n_items, tower.dim)
+            user = serve(tower, route[precision], example)
+            calls[name] = lambda user=user, search=search: (user(example), search())
+        dense_tower = towers["dense_fp32"][0]
+        search = retrieval_call(n_items, dense_tower.dim)
+        for r in ("fp32-compile", "ort-fp32", "ort-int8"):  # the other routes of the dense model, for the record
+            user = serve(dense_tower, r, example)
+            calls[f"dense_{r}"] = lambda user=user: (user(example), search())
+        print("== measuring online latency, interleaved", flush=True)
+        with threads(None), exclusive():
+            timing = interleaved(calls, rounds=20, per_round=5)
+        base = timing["dense_fp32"].p50
+        best_fp32 = min(base, timing["dense_fp32-compile"].p50, timing["dense_ort-fp32"].p50)
+        for row in rows:
+            t = timing[row["name"]]
+            row.update({"measured_ms_median": t.p50, "measured_ms_p90": t.p90, "speedup": base / t.p50,
+                        "speedup_vs_best_fp32": best_fp32 / t.p50,
+                        "ndcg_vs_dense": row["ndcg@10"] / rows[0]["ndcg@10"]})
+        routes = {k[len("dense_"):]: timing[k].as_dict() for k in timing if k.startswith("dense_")}
+        a, b = (np.concatenate(per_user[n]) for n in ("student_nodistill", "student_distill"))
+        distill_test = {"pooled_over_seeds": compare(a, b),
+                        "per_seed": [compare(x, y) for x, y in zip(per_user["student_nodistill"],
+                                                                      per_user["student_distill"], strict=True)]}
+        env = environment()
+        write_json(Path(args.out), {"dataset": cfg.data.name, "hardware": env["hardware"], "threads": env["threads"],
+                                    "versions": env["versions"], "seq_len": seq, "n_items": n_items,
+                                    "best_fp32_ms": best_fp32, "dense_routes": routes,
+                                    "distill_vs_nodistill": distill_test, "rows": rows})
+        for row in rows:
+            print(f"{row['name']:18s} ndcg@10 {row['ndcg@10']:.4f} ({row['ndcg_vs_dense']:.0%})  "
+                  f"{row['measured_ms_median']:6.2f} ms  ×{row['speedup']:.2f} (×{row['speedup_vs_best_fp32']:.2f} "
+                  "vs best fp32)", flush=True)
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
