@@ -139,15 +139,20 @@ def cmd_profile(args) -> None:
               f"MAPE {out['mape_relative_to_dense']:.1f}%, p90 {out['p90_relative_to_dense']:.1f}%, "
               f"{100 * out['within_10pct_relative_to_dense']:.0f}% within ±10%")
     else:
-        out = profile.profile(args.encoder, args.shape, args.seq_len, args.items, n_threads=args.threads)
-        rows = [("params", f"{out['params'] / 1e6:.2f} M"), ("FLOPs (user, batch 1)", f"{out['flops'] / 1e9:.3f} G"),
+        out = profile.profile(args.encoder, args.shape, args.seq_len, args.items, n_threads=args.threads,
+                              precision=args.precision)
+        fp32 = args.precision == "fp32"
+        rows = [("precision", args.precision),
+                ("params", f"{out['params'] / 1e6:.2f} M"), ("FLOPs (user, batch 1)", f"{out['flops'] / 1e9:.3f} G"),
                 ("weight bytes", f"{out['weight_bytes'] / 2**20:.1f} MiB"),
                 ("online FLOPs (+ scoring)", f"{out['online_flops'] / 1e9:.3f} G"),
                 ("measured user tower", f"{out['measured_user_ms']['median_ms']:.2f} ms "
                                         f"(p90 {out['measured_user_ms']['p90_ms']:.2f})"),
-                ("predicted user tower", f"{out['predicted_user_ms']:.2f} ms"),
-                (f"predicted online ({args.items} items)", f"{out['predicted_online_ms']:.2f} ms"),
-                ("item throughput (batch 64)", f"{out['item_throughput']['items_per_s']:.0f} items/s")]
+                ("predicted user tower", f"{out['predicted_user_ms']:.2f} ms" if fp32 else "- (fp32 tables only)"),
+                (f"predicted online ({args.items} items)",
+                 f"{out['predicted_online_ms']:.2f} ms" if fp32 else "- (fp32 tables only)"),
+                ("item throughput (batch 64)",
+                 f"{out['item_throughput']['items_per_s']:.0f} items/s" if fp32 else "- (measured for fp32)")]
         for k, v in rows:
             print(f"{k:32s} {v}")
     if args.output:
@@ -185,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, default=128)
     pr.add_argument("--items", type=int, default=10000, help="catalog size for the online cost")
     pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                    help="serve the tower at this precision (bf16 / int8: compiled, torchao int8 kernels)")
     pr.add_argument("--validate", action="store_true", help="predictor error on random sub-shapes")
     pr.add_argument("--shapes", type=int, default=30)
     pr.add_argument("--output", help="write the result as JSON")

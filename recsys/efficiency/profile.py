@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
-from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, threads, user_tower_call
+from recsys.efficiency.latency import (environment, exclusive, item_throughput, measure, threads, tower_inputs,
+                                      user_tower_call)
 from recsys.efficiency.predictor import (
     calibrate,
     calibration_shapes,
@@ -52,22 +53,34 @@ def _tower(shape: Shape, encoder: str):
 
 
 def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int = 128, n_items: int = 10000,
-            n_threads: int | None = None, progress: bool = True) -> dict:
-    """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower."""
+            n_threads: int | None = None, progress: bool = True, precision: str = "fp32") -> dict:
+    """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower, served at
+    `precision` (fp32 | bf16 | int8; the predictor's tables are fp32 only, so it predicts fp32 alone)."""
+    from recsys.efficiency.quantize import DTYPE_OF, ROUTE_OF, serve
+    if precision not in ROUTE_OF:
+        raise RecsysError(f"--precision: unknown precision {precision!r} (expected {', '.join(ROUTE_OF)})")
     dense = _dense_shape(encoder, seq_len)
     shape = load_shape(shape_path).replace(seq_len=seq_len, batch=1) if shape_path else dense.replace(batch=1)
+    shape = shape.replace(dtype=DTYPE_OF[precision])
     with threads(n_threads):
         try:
             tower = _tower(shape, encoder)  # checks the shape against the checkpoint before any measuring
         except RecsysError as e:
             raise RecsysError(f"{shape_path}: {e}" if shape_path else str(e)) from None
-        tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True)
-        user_ms = measure(user_tower_call(tower, seq_len), min_seconds=1.0)
-        thr = item_throughput(tower, batch=64, seq_len=24)
+        tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True) if precision == "fp32" else None
+        call = user_tower_call(tower, seq_len)
+        if precision != "fp32":
+            inputs = tower_inputs(1, seq_len)
+            served = serve(tower, ROUTE_OF[precision], inputs)
+            call = lambda: served(inputs)  # noqa: E731
+        user_ms = measure(call, min_seconds=1.0)
+        thr = item_throughput(tower, batch=64, seq_len=24) if precision == "fp32" else None
     on = online_cost(shape, n_items)
     return {"shape": shape.to_dict(), **cost(shape), "online_flops": on["flops"], "n_items": n_items,
-            "measured_user_ms": user_ms.as_dict(), "predicted_user_ms": predict(tab, shape),
-            "predicted_online_ms": predict(tab, shape, n_items), "item_throughput": thr, **environment()}
+            "measured_user_ms": user_ms.as_dict(), "precision": precision,
+            "predicted_user_ms": predict(tab, shape) if tab else None,
+            "predicted_online_ms": predict(tab, shape, n_items) if tab else None, "item_throughput": thr,
+            **environment(shape.dtype)}
 
 
 def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,

@@ -32,6 +32,8 @@ LAYERS = {"attention": (".attn.q", ".attn.k", ".attn.v", ".attn.out"), "ffn": ("
           "projection": ("projection",)}
 PRECISIONS = ("fp32", "bf16", "int8")
 ROUTES = ("fp32", "fp32-compile", "bf16-compile", "int8-compile", "ort-fp32", "ort-int8")
+ROUTE_OF = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}  # how each precision is served
+DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # the Shape's dtype name
 
 
 def check_layers(layers: list[str] | tuple[str, ...]) -> None:

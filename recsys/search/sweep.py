@@ -259,7 +259,8 @@ def reap_stale(study) -> int:
 
 def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str, float]:
     """Cost objectives of a run's materialized user tower: measured online latency (batch 1 + exact retrieval,
-    under the measurement lock), parameters and online FLOPs of its compact shape."""
+    under the measurement lock, served at the run's `compress.precision`), parameters and online FLOPs of its
+    compact shape."""
     from recsys.efficiency.cost import online_cost
     from recsys.efficiency.latency import online_latency
     from recsys.efficiency.materialize import materialize
@@ -269,7 +270,7 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str,
     seq = seq_len or run_cfg.data.user_max_tokens
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
-    timing = online_latency(tower, seq, n_items)
+    timing = online_latency(tower, seq, n_items, precision=run_cfg.compress.precision)
     shape = tower.shape.replace(seq_len=seq, batch=1)
     c = online_cost(shape, n_items)
     return {"latency": timing["online"]["median_ms"], "latency_p90": timing["online"]["p90_ms"],
