@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
-from recsys.efficiency.latency import (environment, exclusive, item_throughput, measure, threads, tower_inputs,
-                                      user_tower_call)
+from recsys.efficiency.latency import (
+    environment,
+    exclusive,
+    item_throughput,
+    measure,
+    threads,
+    tower_inputs,
+    user_tower_call,
+)
 from recsys.efficiency.predictor import (
     calibrate,
     calibration_shapes,
