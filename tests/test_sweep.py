@@ -50,6 +50,10 @@ def test_sweep_runs_reports_and_resumes(tmp_path, tiny_model, capsys):
     trials = read_csv(folder / "trials.csv")
     assert [t["state"] for t in trials] == ["COMPLETE"] * 3
     assert all(float(t["value_latency"]) > 0 and 0 <= float(t["value_ndcg@10"]) <= 1 for t in trials)
+    for t in trials:  # the λ each trial trained with: 0 or in its range, as its run's config says
+        lam = float(t["param_compress.lambda_params"])
+        assert lam == 0 or 0.01 <= lam <= 4.0
+        assert f"lambda_params: {lam}" in (Path(t["run_dir"]) / "config.yaml").read_text()
     for t in trials:  # no trial was tested during the search: only Pareto trials, after it
         run = Path(t["run_dir"])
         assert (run / "metrics.json").is_file() and "test" not in json.loads((run / "metrics.json").read_text())

@@ -80,7 +80,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                "worker": t.user_attrs.get("worker", ""),
                "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
         row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
-        row.update({f"param_{k}": v for k, v in t.params.items()})
+        row.update(_params(cfg, t))
         rows.append(row)
     _write_csv(folder / "trials.csv", rows)
     write_json(folder / "sweep.json", dataclasses.asdict(cfg))
@@ -98,7 +98,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
             prow.append({"trial": t.number, **{f"val_{o}": t.values[i] for i, o in enumerate(cfg.objectives)},
                          **{f"norm_{o}": p[i] for i, o in enumerate(cfg.objectives)},
                          **{f"test_{k}": v for k, v in _test_metrics(t.user_attrs["run_dir"]).items()},
-                         **{f"param_{k}": v for k, v in t.params.items()}, "run_dir": t.user_attrs["run_dir"]})
+                         **_params(cfg, t), "run_dir": t.user_attrs["run_dir"]})
         _write_csv(folder / "pareto.csv", prow)
         own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done
                   if since is None or (t.datetime_start and t.datetime_start >= since))
@@ -113,6 +113,11 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
         _wandb_summary(cfg, rows)
     write_json(folder / "summary.json", summary)
     return summary
+
+
+def _params(cfg, t) -> dict:
+    """A trial's parameters as trained (a zero-reachable λ drawn below its range is 0), by column name."""
+    return {f"param_{k}": cfg.params[k].applied(v) if k in cfg.params else v for k, v in t.params.items()}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

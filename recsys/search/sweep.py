@@ -75,9 +75,12 @@ class ParamSpec:
         if self.type == "int":
             return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
         if self.zero:
-            x = trial.suggest_float(name, self.low / 10, self.high, log=True)
-            return 0.0 if x < self.low else x
+            return self.applied(trial.suggest_float(name, self.low / 10, self.high, log=True))
         return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def applied(self, x: Any) -> Any:
+        """The value a trial trains with, given what the sampler drew (below `low` on a zero range: 0)."""
+        return 0.0 if self.zero and x < self.low else x
 
 
 @dataclass
