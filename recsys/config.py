@@ -153,6 +153,7 @@ class CompressConfig:
     lagrangian_lr: float = 0.05  # learning rate of the budget multipliers (gradient ascent)
     item_weight: float = 1.0  # separate towers: weight of the item tower's params/FLOPs penalties (offline)
     freeze_gates: bool = False  # fixed structure (recovery fine-tuning of a gated run given as model.init_from)
+    recovery: float = 0.0  # final fraction of training with the structure fixed: in-run recovery fine-tuning
     prune_ratio: float | None = None  # post-hoc pruning: close this fraction of heads and FFN groups by importance
     prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
     precision: str = "fp32"  # precision the towers are served at: fp32 | bf16 | int8 (recsys/efficiency/quantize.py)
@@ -183,6 +184,10 @@ class CompressConfig:
             raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
         _check_range(self, "budget_warmup", 0.0, 1.0)
+        if not 0 <= self.recovery < 1:
+            raise ValueError(f"recovery must be in [0, 1) (a fraction of training), got {self.recovery}")
+        if self.recovery and not self.gates:
+            raise ValueError("recovery fixes a learned structure: it needs gates (compress.gates)")
         _check_range(self, "budget_tolerance", 0.0, None)
         if (self.budget_metric is None) != (self.budget_target is None):
             raise ValueError("budget_metric and budget_target go together (set both or neither)")

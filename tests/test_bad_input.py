@@ -161,6 +161,8 @@ def test_bad_override(capsys, results, override, needles):
     (["compress.gates=[heads]", "compress.lambda_flops=1", "compress.budget_metric=flops",
       "compress.budget_target=0.5"], ["penalty mode", "budget mode", "not both"]),
     (["compress.gates=[ffn]", "compress.ffn_group=0"], ["compress.ffn_group", "> 0"]),
+    (["compress.gates=[heads]", "compress.recovery=1.0"], ["compress.recovery must be in [0, 1)"]),
+    (["compress.recovery=0.3"], ["compress", "recovery fixes a learned structure"]),
 ])
 def test_bad_compress_config(capsys, results, overrides, needles):
     assert_contains(fails(capsys, "train", f"tracking.results_dir={results}", *overrides), *needles)

@@ -133,3 +133,31 @@ def test_importance_ranks_units_and_keep_mask_is_global():
     scores = torch.tensor([[5.0, 1.0, 3.0], [0.5, 4.0, 2.0]])
     assert keep_mask(scores, 0.5).tolist() == [[True, False, True], [False, True, False]]
     assert keep_mask(scores, 0.99).sum() == 1  # at least one unit stays
+
+
+def test_in_run_recovery_fixes_the_structure_for_the_last_part_of_training(penalised_run):
+    """compress.recovery=0.5: the gates learn over the first half, then stay exactly as they are."""
+    import pytorch_lightning as pl
+
+    from recsys.config import load_config
+    from recsys.train import train
+
+    _, args, _ = penalised_run
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            g = module.user_tower.gates
+            self.steps.append((g.frozen, g.heads.log_alpha.detach().clone()))
+
+    rec = Record()
+    over = [a for a in args if not a.startswith("tracking.run_name")]
+    train(load_config(None, over + [GATES, "compress.lambda_flops=3.0", "compress.gate_lr=0.5",
+                                    "compress.recovery=0.5", "tracking.run_name=recovery"]), callbacks=[rec])
+    frozen = [f for f, _ in rec.steps]
+    first = frozen.index(True)
+    assert 0 < first and all(frozen[first:]) and first == pytest.approx(len(frozen) / 2, abs=1)
+    assert not torch.equal(rec.steps[0][1], rec.steps[first - 1][1])  # the gates moved while learning
+    assert all(torch.equal(rec.steps[first][1], a) for _, a in rec.steps[first:])  # and not after

@@ -114,7 +114,7 @@ class TwoTowerModule(pl.LightningModule):
             distill, distill_terms = self.distiller(u, i, self.temperature, batch, student_hidden)
             loss = loss + distill
             terms.update(distill_terms)
-        if self.user_costs is not None:
+        if self.user_costs is not None and not self.user_tower.gates.frozen:
             structure, cost_terms = self.structure_loss()
             loss = loss + structure
             terms.update(cost_terms)
@@ -152,6 +152,17 @@ class TwoTowerModule(pl.LightningModule):
         self.user_costs = CostNormaliser(user_base, dm.split.n_items, tables)
         if self.separate and self.item_tower.gates is not None:
             self.item_costs = CostNormaliser(self.item_tower.shape.replace(seq_len=dm.data_cfg.item_max_tokens))
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """In-run recovery: over the last `compress.recovery` of training the structure is fixed (deterministic
+        gates, no gate gradients, no structure loss) and the encoder adapts to it."""
+        c = self.compress_cfg
+        if c.recovery and self.gated and not self.user_tower.gates.frozen:
+            if self.global_step >= (1 - c.recovery) * int(self.trainer.estimated_stepping_batches):
+                for tower in (self.user_tower, self.item_tower):
+                    if tower.gates is not None:
+                        tower.gates.freeze()
+                print(f"recovery: structure fixed at step {self.global_step}", flush=True)
 
     def structure_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Penalties (or the budget Lagrangian) on the towers' soft shapes; returns (loss, terms to log)."""
