@@ -56,3 +56,19 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     bad.write_text("train:\n  lr: 1e-4\n  batch_size: [\n")
     with pytest.raises(RecsysError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_config(bad)
+
+
+def test_precision_and_distillation_weight_are_sweep_dimensions(tmp_path, monkeypatch):
+    from recsys.errors import RecsysError
+    from recsys.search.sweep import load_sweep
+
+    monkeypatch.chdir(REPO)
+    body = ("study: x\nbase_config: configs/ml100k_lambda.yaml\nn_trials: 2\nparams:\n"
+            "  distill.alpha: {low: 0.1, high: 2.0, log: true}\n"
+            "  compress.precision: {type: categorical, choices: [fp32, int8]}\n")
+    (tmp_path / "s.yaml").write_text(body)
+    cfg = load_sweep(tmp_path / "s.yaml")
+    assert set(cfg.params) == {"distill.alpha", "compress.precision"}
+    (tmp_path / "bad.yaml").write_text(body.replace("distill.alpha", "distill.alfa"))
+    with pytest.raises(RecsysError, match="distill.alfa"):
+        load_sweep(tmp_path / "bad.yaml")
