@@ -241,3 +241,12 @@ def test_posthoc_baseline_front_and_comparison(tmp_path, tiny_model):
     assert cmp["lambda_search"] >= 0 and cmp["posthoc"] >= 0 and cmp["reference_run"] == str(dense)
     assert cmp["same_reference"]
     assert len(list((tmp_path / "results" / "sweeps").glob("reference-*.json"))) == 1  # one shared reference
+    # every trial's latency was measured interleaved with the reference and put on the reference's time scale
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    ref = json.loads(next((tmp_path / "results" / "sweeps").glob("reference-*.json")).read_text())
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(post / "journal.log")))
+    for t in optuna.load_study(study_name="test-posthoc", storage=storage).trials:
+        c = t.user_attrs["costs"]
+        assert c["latency_ratio"] == pytest.approx(c["latency_measured"] / c["reference_latency_now"])
+        assert c["latency"] == pytest.approx(c["latency_ratio"] * ref["latency"])

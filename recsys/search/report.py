@@ -17,21 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.search.sweep import OBJECTIVES, SweepConfig, measure_online, open_study
+from recsys.search.sweep import OBJECTIVES, SweepConfig, open_study, reference_costs
 from recsys.tracking.records import write_json
 
 
 def _reference(cfg: SweepConfig, trials) -> dict[str, float]:
-    """Reference value of every objective (dense run, measured once and cached; else the study's maximum)."""
-    # shared by every study with this reference run (the λ study and its post-hoc twin normalise alike)
-    cache = cfg.folder.parent / f"reference-{Path(cfg.reference_run or 'none').name}.json"
-    if cfg.reference_run:
-        if cache.is_file():
-            ref = json.loads(cache.read_text())
-        else:
-            metrics = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())
-            ref = {**metrics["val"], **measure_online(cfg.reference_run, cfg.seq_len), "run": cfg.reference_run}
-            write_json(cache, ref)
+    """Reference value of every objective (the dense run, measured once; else the study's maximum)."""
+    ref = reference_costs(cfg)
+    if ref is not None:
         return {o: float(ref[o]) for o in cfg.objectives}
     return {o: max(float(t.values[i]) for t in trials) or 1.0 for i, o in enumerate(cfg.objectives)}
 

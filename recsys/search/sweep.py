@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -28,12 +29,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 
 from recsys.config import _check_choice, _check_positive, from_dict, load_config, read_yaml
 from recsys.errors import RecsysError
+from recsys.tracking.records import write_json
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 # objective name → (direction, where its value comes from)
@@ -260,12 +262,11 @@ def reap_stale(study) -> int:
 
 # --- one trial --------------------------------------------------------------------------------------------------
 
-def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str, float]:
-    """Cost objectives of a run's materialized user tower: measured online latency (batch 1 + exact retrieval,
-    under the measurement lock, served at the run's `compress.precision`), parameters and online FLOPs of its
-    compact shape."""
+def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], object], dict]:
+    """One online request of a run (its materialized user tower served at `compress.precision`, batch 1, then
+    exact retrieval over its catalog) and the compact shape's parameters and online FLOPs."""
     from recsys.efficiency.cost import online_cost
-    from recsys.efficiency.latency import online_latency
+    from recsys.efficiency.latency import request_calls
     from recsys.efficiency.materialize import materialize
     from recsys.train import load_run
 
@@ -273,11 +274,43 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None) -> dict[str,
     seq = seq_len or run_cfg.data.user_max_tokens
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
-    timing = online_latency(tower, seq, n_items, precision=run_cfg.compress.precision)
-    shape = tower.shape.replace(seq_len=seq, batch=1)
-    c = online_cost(shape, n_items)
-    return {"latency": timing["online"]["median_ms"], "latency_p90": timing["online"]["p90_ms"],
-            "params": c["user_params"], "flops": c["flops"], "n_items": n_items}
+    user, search = request_calls(tower, seq, n_items, run_cfg.compress.precision)
+    c = online_cost(tower.shape.replace(seq_len=seq, batch=1), n_items)
+    return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items}
+
+
+def measure_online(run_dir: str | Path, seq_len: int | None = None,
+                   reference: str | Path | None = None) -> dict[str, float]:
+    """Cost objectives of a run: measured online latency (median and p90 ms, under the measurement lock),
+    parameters and online FLOPs of its compact shape. With a `reference` run the two requests are measured
+    interleaved (A, B, A, B …) and `latency_ratio` = run / reference is free of this machine's drift."""
+    from recsys.efficiency.latency import exclusive, interleaved, measure, threads
+
+    call, costs = _request(run_dir, seq_len)
+    calls = {"run": call}
+    if reference is not None:
+        calls["reference"] = _request(reference, seq_len)[0]
+    with threads(None), exclusive():
+        timing = interleaved(calls, rounds=10, per_round=3) if reference else {"run": measure(call, min_seconds=1.0)}
+    out = {"latency": timing["run"].p50, "latency_p90": timing["run"].p90, **costs}
+    if reference is not None:
+        out.update({"reference_latency_now": timing["reference"].p50,
+                    "latency_ratio": timing["run"].p50 / timing["reference"].p50})
+    return out
+
+
+def reference_costs(cfg: SweepConfig) -> dict | None:
+    """The reference (dense) run's validation metrics and costs, measured once and cached beside the studies
+    (`reference-<run>.json`, shared by a λ study and its post-hoc twin); None without a reference run."""
+    if not cfg.reference_run:
+        return None
+    cache = cfg.folder.parent / f"reference-{Path(cfg.reference_run).name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    metrics = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())
+    ref = {**metrics["val"], **measure_online(cfg.reference_run, cfg.seq_len), "run": cfg.reference_run}
+    write_json(cache, ref)
+    return ref
 
 
 def _catalog_size(run_dir: str | Path, run_cfg) -> int:
@@ -327,8 +360,13 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
     trial.set_user_attr("val", out["val"])
     trial.set_user_attr("val_curve", reporter.curve)
     trial.set_user_attr("overrides", overrides)
-    costs = measure_online(out["run_dir"], cfg.seq_len) if set(cfg.objectives) & {"latency", "params", "flops"} \
-        else {}
+    costs = {}
+    if set(cfg.objectives) & {"latency", "params", "flops"}:
+        ref = reference_costs(cfg)
+        costs = measure_online(out["run_dir"], cfg.seq_len, reference=ref["run"] if ref else None)
+        if ref:  # the latency at the machine speed the reference was measured at: ratio × reference ms
+            costs["latency_measured"] = costs["latency"]
+            costs["latency"] = costs["latency_ratio"] * ref["latency"]
     trial.set_user_attr("costs", costs)
     trial.set_user_attr("own_seconds", time.perf_counter() - t0)
     trial.set_user_attr("train_seconds", t1 - t0)
