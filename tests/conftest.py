@@ -32,10 +32,15 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def small_synthetic_args(tmp_path, tiny_model) -> list[str]:
-    """Overrides for a fast end-to-end run: small synthetic data, tiny BERT, results under tmp_path."""
+def tiny_run_args(tiny_model: str, root: Path) -> list[str]:
+    """Overrides for a fast end-to-end run: small synthetic data, tiny BERT, results under root/results."""
     return [f"model.encoder={tiny_model}", "data.synthetic_users=120", "data.synthetic_items=150",
             "data.user_max_tokens=32", "data.item_max_tokens=16", "train.epochs=2", "train.batch_size=32",
-            "train.examples_per_user=2", "train.lr=1e-3", f"tracking.results_dir={tmp_path / 'results'}",
-            "tracking.progress_bar=false", "tracking.wandb=disabled", "tracking.run_name=t"]
+            "train.examples_per_user=2", "train.lr=1e-3", f"tracking.results_dir={root / 'results'}",
+            "tracking.progress_bar=false", "tracking.wandb=disabled"]
+
+
+@pytest.fixture
+def small_synthetic_args(tmp_path, tiny_model) -> list[str]:
+    """`tiny_run_args` under tmp_path, as run `t`."""
+    return [*tiny_run_args(tiny_model, tmp_path), "tracking.run_name=t"]

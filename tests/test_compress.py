@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_args
 
 from recsys.cli import main
 from recsys.efficiency.export import load_tower, run_exported
@@ -22,10 +23,7 @@ def _train(args, tmp_path, name, *extra) -> Path:
 @pytest.fixture(scope="module")
 def penalised_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("penalised")
-    args = [f"model.encoder={tiny_model}", "data.synthetic_users=120", "data.synthetic_items=150",
-            "data.user_max_tokens=32", "data.item_max_tokens=16", "train.epochs=2", "train.batch_size=32",
-            "train.examples_per_user=2", "train.lr=1e-3", f"tracking.results_dir={tmp / 'results'}",
-            "tracking.progress_bar=false", "tracking.wandb=disabled"]
+    args = tiny_run_args(tiny_model, tmp)
     run = _train(args, tmp, "lam", GATES, "model.projection_dim=16", "compress.lambda_flops=3.0",
                  "compress.lambda_latency=1.0", "compress.gate_lr=0.5")
     return run, args, tmp

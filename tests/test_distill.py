@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_args
 
 from recsys.cli import main
 from recsys.losses.distill import EmbeddingMSELoss, HiddenStateLoss, MarginMSELoss, ScoreKLLoss, uniform_layer_map
@@ -88,10 +89,7 @@ def test_capture_hidden_collects_every_layer(tiny_model):
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("distill")
-    args = [f"model.encoder={tiny_model}", "data.synthetic_users=120", "data.synthetic_items=150",
-            "data.user_max_tokens=32", "data.item_max_tokens=16", "train.epochs=2", "train.batch_size=32",
-            "train.examples_per_user=2", "train.lr=1e-3", f"tracking.results_dir={tmp / 'results'}",
-            "tracking.progress_bar=false", "tracking.wandb=disabled"]
+    args = tiny_run_args(tiny_model, tmp)
     assert main(["train", *args, "tracking.run_name=teacher"]) == 0
     return tmp / "results" / "runs" / "teacher", args, tmp
 
