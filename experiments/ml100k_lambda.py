@@ -43,6 +43,16 @@ RUNS: dict[str, list[str]] = {
                                           "compress.freeze_gates=true"],
     "latency-20": ["compress.lambda_latency=20.0", *FAST[:2]],
     "flops-20": ["compress.lambda_flops=20.0", *FAST[:2]],
+    # more λ per penalty, between "nothing moves" (1) and "everything closes" (20), with in-run recovery
+    "params-5": ["compress.lambda_params=5.0", *FAST[:2], "compress.recovery=0.3"],
+    "latency-2": ["compress.lambda_latency=2.0", *FAST[:2], "compress.recovery=0.3"],
+    "latency-5": ["compress.lambda_latency=5.0", *FAST[:2], "compress.recovery=0.3"],
+    "flops-2": ["compress.lambda_flops=2.0", *FAST[:2], "compress.recovery=0.3"],
+    "flops-5": ["compress.lambda_flops=5.0", *FAST[:2], "compress.recovery=0.3"],
+    # distillation from the dense run while the structure is learned (issue 6's teacher), then fixed
+    "budget-latency-0.2-distill": ["compress.budget_metric=latency", "compress.budget_target=0.2",
+                                   "train.examples_per_user=12", *FAST, "compress.recovery=0.3",
+                                   "distill.teacher=results/runs/ml-100k-bench-seed0", "distill.hidden_weight=1.0"],
 }
 
 
