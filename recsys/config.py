@@ -158,6 +158,7 @@ class CompressConfig:
     prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
     precision: str = "fp32"  # precision the towers are served at: fp32 | bf16 | int8 (recsys/efficiency/quantize.py)
     qat: bool = False  # int8 quantization-aware training: fake-quantised Linear layers (needs precision int8)
+    int8_backend: str = "torchao"  # int8 serving kernels: torchao (VNNI/AMX CPUs, GPUs) | onnxruntime (any x86)
     quantize_layers: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # + projection
 
     def __post_init__(self):
@@ -176,10 +177,14 @@ class CompressConfig:
                 raise ValueError("prune_ratio needs head or FFN gates (compress.gates=[heads, ffn])")
         if (self.freeze_gates or self.prune_ratio is not None) and (self.penalised or self.budget_metric):
             raise ValueError("a fixed structure (freeze_gates / prune_ratio) takes no penalties or budget")
-        from recsys.efficiency.quantize import PRECISIONS, check_layers
+        from recsys.efficiency.quantize import BACKENDS, PRECISIONS, check_layers
 
         _check_choice(self, "precision", PRECISIONS)
+        _check_choice(self, "int8_backend", BACKENDS)
         check_layers(self.quantize_layers)
+        if self.qat and self.int8_backend != "torchao":
+            raise ValueError("qat simulates torchao's int8 scheme (per-token activations); int8_backend="
+                             f"{self.int8_backend} serves post-training int8 only")
         if self.qat and self.precision != "int8":
             raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")

@@ -8,6 +8,9 @@ torchao's real int8 kernels (`Int8DynamicActivationInt8WeightConfig(act_mapping_
 `quantize_int8`) to float precision — tested — so a QAT-trained tower is deployed through the real kernels,
 and PTQ is the same call on a float-trained tower. (torchao's own QAT convert target, an IntxWeight config,
 has no fast CPU kernel.) torchao's QAT supports asymmetric per-token activations only, hence that choice.
+CPUs without VNNI/AMX have no fast torchao int8 path (measured: 17× slower than fp32 on an AVX2 EPYC), so
+`compress.int8_backend=onnxruntime` serves int8 through ONNX Runtime instead (post-training: its per-tensor
+activations are not the scheme torchao's QAT simulates, so QAT is refused with that backend).
 
 Serving routes (`serve`): fp32 eager, fp32 `torch.compile` (freezing), bf16 + compile, torchao int8 + compile,
 ONNX Runtime fp32 and ONNX Runtime int8 (`quantize_dynamic`, per-channel weights; its activations are
@@ -33,6 +36,12 @@ LAYERS = {"attention": (".attn.q", ".attn.k", ".attn.v", ".attn.out"), "ffn": ("
 PRECISIONS = ("fp32", "bf16", "int8")
 ROUTES = ("fp32", "fp32-compile", "bf16-compile", "int8-compile", "ort-fp32", "ort-int8")
 ROUTE_OF = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}  # how each precision is served
+BACKENDS = ("torchao", "onnxruntime")  # int8 kernels: torchao (AMX/VNNI CPUs, GPUs) or ONNX Runtime (any x86)
+
+
+def route_for(precision: str, backend: str = "torchao") -> str:
+    """The serving route of a precision; int8 by `backend` (compress.int8_backend)."""
+    return "ort-int8" if precision == "int8" and backend == "onnxruntime" else ROUTE_OF[precision]
 DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # the Shape's dtype name
 
 
@@ -115,7 +124,11 @@ def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         q = workdir / "tower.int8.onnx"
-        quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8)
+        # weight matmuls only (the Linear layers QAT simulates): no embedding Gather, no activation×activation.
+        # reduce_range: 7-bit weights, so the u8×s8 AVX2 kernels (no VNNI) cannot saturate their int16 sums —
+        # with full-range weights the tiny test tower's embeddings moved by 0.30, with 7 bits by 0.006
+        quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
         path = q
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()

@@ -274,7 +274,7 @@ def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], obj
     seq = seq_len or run_cfg.data.user_max_tokens
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
-    user, search = request_calls(tower, seq, n_items, run_cfg.compress.precision)
+    user, search = request_calls(tower, seq, n_items, run_cfg.compress.precision, run_cfg.compress.int8_backend)
     c = online_cost(tower.shape.replace(seq_len=seq, batch=1), n_items)
     return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items}
 
