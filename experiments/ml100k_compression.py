@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from recsys.config import load_config
-from recsys.efficiency.latency import environment, exclusive, interleaved, retrieval_call, threads, tower_inputs
+from recsys.efficiency.latency import environment, exclusive, interleaved, request_calls, threads
 from recsys.efficiency.materialize import materialize
-from recsys.efficiency.quantize import quantize_int8, serve
+from recsys.efficiency.quantize import ROUTE_OF, quantize_int8
 from recsys.errors import RecsysError
 from recsys.retrieval.evaluate import evaluate, tower_scorers
 from recsys.retrieval.metrics import compare
@@ -133,18 +133,13 @@ def main(argv=None) -> int:
                          "recall@10": float(np.mean([m["recall@10"] for m in metrics])),
                          "per_seed_ndcg@10": [m["ndcg@10"] for m in metrics]})
         seq, n_items = cfg.data.user_max_tokens, split.n_items
-        example = tower_inputs(1, seq)
-        route = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}
-        calls = {}
-        for name, (tower, precision) in towers.items():
-            search = retrieval_call(n_items, tower.dim)
-            user = serve(tower, route[precision], example)
-            calls[name] = lambda user=user, search=search: (user(example), search())
-        dense_tower = towers["dense_fp32"][0]
-        search = retrieval_call(n_items, dense_tower.dim)
+        served = {name: (tower, ROUTE_OF[precision]) for name, (tower, precision) in towers.items()}
         for r in ("fp32-compile", "ort-fp32", "ort-int8"):  # the other routes of the dense model, for the record
-            user = serve(dense_tower, r, example)
-            calls[f"dense_{r}"] = lambda user=user: (user(example), search())
+            served[f"dense_{r}"] = (towers["dense_fp32"][0], r)
+        calls = {}
+        for name, (tower, route) in served.items():
+            user, search = request_calls(tower, seq, n_items, route)
+            calls[name] = lambda user=user, search=search: (user(), search())
         print("== measuring online latency, interleaved", flush=True)
         with threads(None), exclusive():
             timing = interleaved(calls, rounds=20, per_round=5)

@@ -126,23 +126,27 @@ def item_throughput(tower: torch.nn.Module, batch: int = 64, seq_len: int = 24, 
     return {"items_per_s": batch / (t.p50 / 1e3), "batch": batch, "seq_len": seq_len, **t.as_dict()}
 
 
-def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int, precision: str = "fp32",
-                  backend: str = "torchao") -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
-    """(user tower at batch 1, exact retrieval over `n_items`) of one request. A `precision` other than fp32
-    serves the tower by that precision's route (int8: by `backend`; `recsys.efficiency.quantize`)."""
-    user = user_tower_call(tower, seq_len)
-    if precision != "fp32":
-        from recsys.efficiency.quantize import route_for, serve
-        inputs = tower_inputs(1, seq_len)
-        served = serve(tower, route_for(precision, backend), inputs)
-        user = lambda: served(inputs)  # noqa: E731
+def served_user_call(tower: torch.nn.Module, seq_len: int, route: str = "fp32") -> Callable[[], torch.Tensor]:
+    """The user tower at batch 1 served by `route` (`recsys.efficiency.quantize.ROUTES`; fp32 = eager)."""
+    if route == "fp32":
+        return user_tower_call(tower, seq_len)
+    from recsys.efficiency.quantize import serve
+    inputs = tower_inputs(1, seq_len)
+    served = serve(tower, route, inputs)
+    return lambda: served(inputs)
+
+
+def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int,
+                  route: str = "fp32") -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """(user tower at batch 1 served by `route`, exact retrieval over `n_items`) of one request."""
+    user = served_user_call(tower, seq_len, route)
     return user, retrieval_call(n_items, int(user().shape[-1]))
 
 
 def online_latency(tower: torch.nn.Module, seq_len: int, n_items: int, n_threads: int | None = None,
-                   min_seconds: float = 1.0, precision: str = "fp32", backend: str = "torchao") -> dict:
+                   min_seconds: float = 1.0, route: str = "fp32") -> dict:
     """A request: user tower at batch 1 + exact retrieval over `n_items`, measured together and apart."""
-    user, search = request_calls(tower, seq_len, n_items, precision, backend)
+    user, search = request_calls(tower, seq_len, n_items, route)
     with threads(n_threads), exclusive():
         parts = {"user_tower": measure(user, min_seconds=min_seconds),
                  "retrieval": measure(search, min_seconds=min_seconds / 2),

@@ -8,15 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.efficiency.cost import cost, online_cost
-from recsys.efficiency.latency import (
-    environment,
-    exclusive,
-    item_throughput,
-    measure,
-    threads,
-    tower_inputs,
-    user_tower_call,
-)
+from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, served_user_call, threads
 from recsys.efficiency.predictor import (
     calibrate,
     calibration_shapes,
@@ -63,7 +55,7 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
             n_threads: int | None = None, progress: bool = True, precision: str = "fp32") -> dict:
     """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower, served at
     `precision` (fp32 | bf16 | int8; the predictor's tables are fp32 only, so it predicts fp32 alone)."""
-    from recsys.efficiency.quantize import DTYPE_OF, ROUTE_OF, serve
+    from recsys.efficiency.quantize import DTYPE_OF, ROUTE_OF
     if precision not in ROUTE_OF:
         raise RecsysError(f"--precision: unknown precision {precision!r} (expected {', '.join(ROUTE_OF)})")
     dense = _dense_shape(encoder, seq_len)
@@ -75,12 +67,7 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
         except RecsysError as e:
             raise RecsysError(f"{shape_path}: {e}" if shape_path else str(e)) from None
         tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True) if precision == "fp32" else None
-        call = user_tower_call(tower, seq_len)
-        if precision != "fp32":
-            inputs = tower_inputs(1, seq_len)
-            served = serve(tower, ROUTE_OF[precision], inputs)
-            call = lambda: served(inputs)  # noqa: E731
-        user_ms = measure(call, min_seconds=1.0)
+        user_ms = measure(served_user_call(tower, seq_len, ROUTE_OF[precision]), min_seconds=1.0)
         thr = item_throughput(tower, batch=64, seq_len=24) if precision == "fp32" else None
     on = online_cost(shape, n_items)
     return {"shape": shape.to_dict(), **cost(shape), "online_flops": on["flops"], "n_items": n_items,

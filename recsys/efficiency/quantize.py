@@ -37,12 +37,12 @@ PRECISIONS = ("fp32", "bf16", "int8")
 ROUTES = ("fp32", "fp32-compile", "bf16-compile", "int8-compile", "ort-fp32", "ort-int8")
 ROUTE_OF = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}  # how each precision is served
 BACKENDS = ("torchao", "onnxruntime")  # int8 kernels: torchao (AMX/VNNI CPUs, GPUs) or ONNX Runtime (any x86)
+DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # the Shape's dtype name
 
 
 def route_for(precision: str, backend: str = "torchao") -> str:
     """The serving route of a precision; int8 by `backend` (compress.int8_backend)."""
     return "ort-int8" if precision == "int8" and backend == "onnxruntime" else ROUTE_OF[precision]
-DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # the Shape's dtype name
 
 
 def check_layers(layers: list[str] | tuple[str, ...]) -> None:
@@ -124,7 +124,7 @@ def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         q = workdir / "tower.int8.onnx"
-        # weight matmuls only (the Linear layers QAT simulates): no embedding Gather, no activation×activation.
+        # weight matmuls only (the Linear layers, as torchao's route): no embedding Gather, no activation×activation.
         # reduce_range: 7-bit weights, so the u8×s8 AVX2 kernels (no VNNI) cannot saturate their int16 sums —
         # with full-range weights the tiny test tower's embeddings moved by 0.30, with 7 bits by 0.006
         quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,

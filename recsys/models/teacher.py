@@ -59,7 +59,6 @@ class Distiller(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         self._teacher = [teacher]  # a list: not registered as a submodule (not trained, not saved)
-        self.teacher_cfg = teacher_cfg
         if cfg.loss == "kl":
             self.loss = ScoreKLLoss(cfg.temperature)
         elif cfg.loss == "margin_mse":

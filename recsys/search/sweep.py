@@ -268,13 +268,15 @@ def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], obj
     from recsys.efficiency.cost import online_cost
     from recsys.efficiency.latency import request_calls
     from recsys.efficiency.materialize import materialize
+    from recsys.efficiency.quantize import route_for
     from recsys.train import load_run
 
     run_cfg, module = load_run(run_dir)
     seq = seq_len or run_cfg.data.user_max_tokens
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
-    user, search = request_calls(tower, seq, n_items, run_cfg.compress.precision, run_cfg.compress.int8_backend)
+    route = route_for(run_cfg.compress.precision, run_cfg.compress.int8_backend)
+    user, search = request_calls(tower, seq, n_items, route)
     c = online_cost(tower.shape.replace(seq_len=seq, batch=1), n_items)
     return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items}
 
