@@ -221,6 +221,17 @@ def test_missing_base_config(tmp_path, tiny_model, capsys):
     assert "base_config" in capsys.readouterr().err and not (tmp_path / "results").exists()
 
 
+def test_wandb_table_takes_columns_of_mixed_types():
+    """A retried trial's `retry_of` is a number where the others have "": W&B rejects such a column unless it
+    is written as text (this ended a 2-hour benchmark at its report)."""
+    from recsys.search.report import wandb_table
+    rows = [{"trial": 0, "retry_of": "", "lr": 1e-4, "value": None},
+            {"trial": 1, "retry_of": 0, "lr": 0, "value": 0.5}]
+    table = wandb_table(rows)
+    assert table.columns == ["trial", "retry_of", "lr", "value"]
+    assert [r[1] for r in table.data] == ["", "0"] and [r[2] for r in table.data] == [1e-4, 0]
+
+
 def test_posthoc_baseline_front_and_comparison(tmp_path, tiny_model):
     """`--baseline posthoc` spends the same trials on importance pruning of the same dense run and writes both
     hypervolumes, normalised against one reference."""

@@ -171,9 +171,22 @@ def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
 
     run = wandb.init(project="recsys", group=cfg.study, name=f"{cfg.study}-summary", job_type="sweep-summary",
                      dir=str(cfg.folder), mode=mode, reinit="finish_previous")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    run.log({"trials": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
+    run.log({"trials": wandb_table(rows)})
     run.finish()
+
+
+def wandb_table(rows: list[dict]):
+    """The trials as a W&B table. W&B types each column by its values; a column mixing types (e.g. `retry_of`:
+    "" for most trials, a trial number for a retried one) is written as text."""
+    import wandb
+
+    def kind(v) -> str:
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    mixed = {k for k in keys if len({kind(r[k]) for r in rows if r.get(k) is not None}) > 1}
+    data = [[str(r.get(k, "")) if k in mixed else r.get(k) for k in keys] for r in rows]
+    return wandb.Table(columns=keys, data=data)
 
 
 def compare_fronts(lambda_cfg: SweepConfig, posthoc_cfg: SweepConfig) -> dict | None:
