@@ -88,8 +88,10 @@ def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
         from pytorch_lightning.loggers import WandbLogger
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
+        # mode passed explicitly: wandb reads $WANDB_MODE once per process, so a W&B run started earlier in this
+        # process (a sweep's summary) would otherwise fix it, online without a key
         loggers.append(WandbLogger(project=cfg.tracking.wandb_project, name=name, save_dir=str(run_dir),
-                                   group=cfg.tracking.wandb_group, config=cfg.to_dict()))
+                                   group=cfg.tracking.wandb_group, config=cfg.to_dict(), mode=mode))
     return loggers
 
 

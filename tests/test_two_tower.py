@@ -105,3 +105,26 @@ def test_wandb_offline_runs_land_in_their_own_run_folders(small_synthetic_args, 
     for name in ("a", "b"):
         runs = list((tmp_path / "results" / "runs" / name / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, name
+
+
+def test_offline_training_after_a_wandb_summary_in_the_same_process(small_synthetic_args, tmp_path):
+    """No $WANDB_MODE and no key: a sweep writes its W&B summary, then trains more trials in the same process
+    (the λ study, then the post-hoc one). wandb reads the mode once per process; the trials must stay offline."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    script = (
+        "import json, sys, types\n"
+        "from recsys.config import load_config\n"
+        "from recsys.search.report import _wandb_summary\n"
+        "from recsys.train import train\n"
+        f"_wandb_summary(types.SimpleNamespace(study='s', folder={str(tmp_path)!r}), [{{'trial': 0}}])\n"
+        f"train(load_config(None, json.loads({json.dumps(json.dumps(small_synthetic_args))}) + "
+        "['train.epochs=1', 'tracking.wandb=offline']))\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list((tmp_path / "results" / "runs" / "t" / "wandb").glob("offline-run-*"))
