@@ -73,7 +73,7 @@ class TwoTowerModule(pl.LightningModule):
         if c.qat:  # before any optimizer and before loading a QAT checkpoint: the parameters are kept
             from recsys.efficiency.quantize import prepare_qat
             for tower in {id(t): t for t in (self.user_tower, self.item_tower)}.values():
-                prepare_qat(tower, c.quantize_layers)
+                prepare_qat(tower, c.quantize_layers, c.int8_backend)
         if c.freeze_gates:
             for tower in (self.user_tower, self.item_tower):
                 if tower.gates is not None:
