@@ -114,16 +114,23 @@ def test_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path):
         assert (module.user_tower(**x) - quantize_int8(module.user_tower)(**x)).abs().max() < 1e-5
 
 
-def test_onnxruntime_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path):
+def test_onnxruntime_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path, monkeypatch):
+    from recsys.efficiency import predictor
+    monkeypatch.setattr(predictor, "CACHE_DIR", tmp_path / "cache")
+    # with a latency penalty: the predictor is calibrated on the int8 route the tower will be served by
     assert main(["train", *small_synthetic_args, "compress.precision=int8", "compress.qat=true",
-                 "compress.int8_backend=onnxruntime"]) == 0
+                 "compress.int8_backend=onnxruntime", "compress.gates=[heads,ffn]", "compress.lambda_latency=0.5"]) == 0
+    keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache").glob("tables-*.json")]
+    assert sorted(k.get("route", "fp32") for k in keys) == ["fp32", "ort-int8"]
+    from recsys.efficiency.materialize import materialize
     from recsys.train import load_run
     _, module = load_run(tmp_path / "results" / "runs" / "t")
     assert is_qat(module.user_tower)
+    tower = materialize(module.user_tower)
     x = _inputs(batch=1, seq=16)
     with torch.no_grad():
-        trained = module.user_tower(**x)
-    assert (trained - _ort_int8(module.user_tower, x, ORT)).abs().max() < 1e-5
+        served = _ort_int8(tower, x, ORT)
+        assert (simulate_int8(tower, ORT, "onnxruntime")(**x) - served).abs().max() < 1e-5
 
 
 def test_quantization_bad_input(small_synthetic_args, tmp_path, capsys):

@@ -184,17 +184,19 @@ def _compiled(module: nn.Module) -> Callable:
 
 def _linear_nodes(model, layers) -> list[str]:
     """Names of the ONNX MatMul nodes that the torch exporter emitted for the Linear layers in `layers` (it
-    records each node's module path in the `pkg.torch.onnx.name_scopes` metadata)."""
+    records each node's module path in the `pkg.torch.onnx.name_scopes` metadata); [] for a tower without any
+    (every block pruned)."""
     check_layers(layers, "onnxruntime")
-    suffixes, nodes = _suffixes(layers), []
+    suffixes, nodes, traced = _suffixes(layers), [], False
     for node in model.graph.node:
         scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
                        if p.key == "pkg.torch.onnx.name_scopes"), [])
+        traced |= bool(scopes)
         if node.op_type == "MatMul" and len(scopes) >= 2 and scopes[-2].endswith(suffixes):
             nodes.append(node.name)
-    if not nodes:
-        raise RecsysError("ONNX Runtime int8: found no Linear layer in the exported graph (the exporter recorded "
-                          "no module paths)")
+    if not traced:
+        raise RecsysError("ONNX Runtime int8: the exported graph records no module paths (pkg.torch.onnx.name_scopes)"
+                          "; cannot tell which MatMuls are the quantize_layers")
     return nodes
 
 
@@ -214,10 +216,12 @@ def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool
         # the Linear layers in `layers` only (as torchao's route): no embedding Gather, no activation×activation.
         # reduce_range: 7-bit weights, so the u8×s8 AVX2 kernels (no VNNI) cannot saturate their int16 sums —
         # with full-range weights the tiny test tower's embeddings moved by 0.30, with 7 bits by 0.006
-        quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=_linear_nodes(onnx.load(path), layers),
-                         extra_options={"MatMulConstBOnly": True})
-        path = q
+        nodes = _linear_nodes(onnx.load(path), layers)
+        if nodes:  # (a tower whose blocks are all pruned has nothing to quantize)
+            quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                             extra_options={"MatMulConstBOnly": True})
+            path = q
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
