@@ -6,13 +6,16 @@ the three stacked with structure, on MovieLens-100K.
 
 Runs (a run whose folder holds metrics.json is reused):
 - `ft` / `qat`: one more epoch of 6 examples/user from each dense seed (configs/ml100k_lambda.yaml, no gates),
-  in float / with int8 fake-quantisation (QAT); `ft` is the fair accuracy reference for QAT's extra training.
+  in float / with int8 fake-quantisation (QAT) of `--int8-backend`'s scheme; `ft` is the fair accuracy reference
+  for QAT's extra training.
 - `student` / `student-distill`: a 3-layer MiniLM (layers 1, 3, 5 of the checkpoint) trained with the full recipe
   (configs/ml100k.yaml), without / with KL distillation from the dense seed of the same number.
 - `stacked`: the distilled student, then a latency budget (structure) with distillation and QAT together.
-Every row is evaluated on the test split with the model it serves (int8: torchao's real int8 kernels; bf16: a
-bf16 cast), and its online request (user tower at batch 1 + exact retrieval) measured interleaved with all others
-in one process, through the row's serving route and through the best fp32 route.
+Every row is evaluated on the test split with the model it serves (int8: torchao's real int8 kernels, or the
+exact simulation of ONNX Runtime's; bf16: a bf16 cast), and its online request (user tower at batch 1 + exact
+retrieval) measured interleaved with all others in one process, through the row's serving route; the dense
+model is also measured through the other fp32 routes (compiled, ONNX Runtime) for the speed-up against the best.
+int8 backend: onnxruntime by default — torchao's int8 kernels need VNNI/AMX (17× slower than fp32 on AVX2).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from recsys.config import load_config
 from recsys.efficiency.latency import environment, exclusive, interleaved, request_calls, threads
 from recsys.efficiency.materialize import materialize
-from recsys.efficiency.quantize import ROUTE_OF, quantize_int8
+from recsys.efficiency.quantize import BACKENDS, route_for, simulate_int8
 from recsys.errors import RecsysError
 from recsys.retrieval.evaluate import evaluate, tower_scorers
 from recsys.retrieval.metrics import compare
@@ -39,12 +42,12 @@ DISTILL = ["distill.alpha=1.0", "distill.loss=kl", "distill.temperature=1.0"]
 FT = ["compress.gates=[]", "train.examples_per_user=6"]
 
 
-def runs(dense: str) -> dict[str, tuple[str, list[str]]]:
-    """name → (config, overrides); `{seed}` and `{dense}` are filled in per seed."""
+def runs(dense: str, backend: str) -> dict[str, tuple[str, list[str]]]:
+    """name → (config, overrides); `{seed}` is filled in per seed."""
     return {
         "ft-seed{seed}": ("configs/ml100k_lambda.yaml", [f"model.init_from={dense}", *FT]),
-        "qat-seed{seed}": ("configs/ml100k_lambda.yaml", [f"model.init_from={dense}", *FT, "compress.precision=int8",
-                                                           "compress.qat=true"]),
+        f"qat-{backend}-seed{{seed}}": ("configs/ml100k_lambda.yaml",
+                                        [f"model.init_from={dense}", *FT, *int8(backend), "compress.qat=true"]),
         "student-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}"]),
         "student-distill-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}",
                                                                f"distill.teacher={dense}", *DISTILL]),
@@ -52,7 +55,11 @@ def runs(dense: str) -> dict[str, tuple[str, list[str]]]:
 
 
 STACKED = ("configs/ml100k_lambda.yaml", ["compress.budget_metric=latency", "compress.budget_target=0.33",
-                                          "compress.precision=int8", "compress.qat=true", *DISTILL])
+                                          "compress.qat=true", *DISTILL])
+
+
+def int8(backend: str) -> list[str]:
+    return ["compress.precision=int8", f"compress.int8_backend={backend}"]
 
 
 def _train(root: Path, name: str, config: str, over: list[str]) -> Path:
@@ -63,18 +70,18 @@ def _train(root: Path, name: str, config: str, over: list[str]) -> Path:
     return run
 
 
-def _served(tower, precision: str):
+def _served(tower, precision: str, backend: str):
     """The tower a row serves, for evaluation (eager: compiled kernels compute the same numbers)."""
-    if precision == "int8":
-        return quantize_int8(materialize(tower))
     t = materialize(tower)
+    if precision == "int8":
+        return simulate_int8(t, backend=backend)
     return t.to(torch.bfloat16) if precision == "bf16" else t
 
 
-def _evaluate(module, precision: str, data) -> tuple[dict, np.ndarray]:
+def _evaluate(module, precision: str, backend: str, data) -> tuple[dict, np.ndarray]:
     ds, split, tokenizer, data_cfg = data
-    user = _served(module.user_tower, precision)
-    item = user if module.item_tower is module.user_tower else _served(module.item_tower, precision)
+    user = _served(module.user_tower, precision, backend)
+    item = user if module.item_tower is module.user_tower else _served(module.item_tower, precision, backend)
     scorer = tower_scorers(user, item, tokenizer, ds.item_texts, split, data_cfg, ("test",), progress=False)["test"]
     res = evaluate(scorer, split, "test", progress=False)
     return res.metrics, res.per_user["ndcg@10"]
@@ -85,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dense", default="results/runs/ml-100k-bench-seed{seed}", help="dense run of each seed")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--int8-backend", default="onnxruntime", choices=BACKENDS,
+                    help="int8 kernels: onnxruntime (any x86) or torchao (VNNI/AMX CPUs, GPUs)")
     ap.add_argument("--out", default="results/benchmarks/ml100k_compression.json")
     args = ap.parse_args(argv)
     over = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
@@ -98,19 +107,19 @@ def main(argv=None) -> int:
                 raise RecsysError(f"--dense: {d} is not a finished run (run experiments/ml100k_baselines.py)")
         trained: dict[str, dict[int, Path]] = {}
         for s in seeds:
-            for name, (config, o) in runs(str(dense[s])).items():
+            for name, (config, o) in runs(str(dense[s]), args.int8_backend).items():
                 o = [x.format(seed=s) for x in o]
                 trained.setdefault(name.split("-seed")[0], {})[s] = _train(root, name.format(seed=s), config, over + o)
         s0 = seeds[0]
-        stacked = _train(root, f"stacked-seed{s0}", STACKED[0],
+        stacked = _train(root, f"stacked-{args.int8_backend}-seed{s0}", STACKED[0],
                          over + [f"model.init_from={trained['student-distill'][s0]}", f"distill.teacher={dense[s0]}",
-                                 *STUDENT, *STACKED[1]])
+                                 *STUDENT, *STACKED[1], *int8(args.int8_backend)])
         from recsys.models.encoder import load_tokenizer, resolve_model_path
         ds, split = load_data(cfg.data)
         data = (ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data)
         # rows: name → (precision served, {seed: run})
         table = {"dense_fp32": ("fp32", dense), "dense_bf16": ("bf16", dense), "ptq_int8": ("int8", dense),
-                 "ft_fp32": ("fp32", trained["ft"]), "qat_int8": ("int8", trained["qat"]),
+                 "ft_fp32": ("fp32", trained["ft"]), "qat_int8": ("int8", trained[f"qat-{args.int8_backend}"]),
                  "student_nodistill": ("fp32", trained["student"]),
                  "student_distill": ("fp32", trained["student-distill"]),
                  "stacked": ("int8", {s0: stacked})}
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
             for s, run in by_seed.items():
                 print(f"== evaluating {name} seed {s}", flush=True)
                 _, module = load_run(run)
-                m, pu = _evaluate(module, precision, data)
+                m, pu = _evaluate(module, precision, args.int8_backend, data)
                 metrics.append(m)
                 users.append(pu)
                 if s == s0:
@@ -133,8 +142,8 @@ def main(argv=None) -> int:
                          "recall@10": float(np.mean([m["recall@10"] for m in metrics])),
                          "per_seed_ndcg@10": [m["ndcg@10"] for m in metrics]})
         seq, n_items = cfg.data.user_max_tokens, split.n_items
-        served = {name: (tower, ROUTE_OF[precision]) for name, (tower, precision) in towers.items()}
-        for r in ("fp32-compile", "ort-fp32", "ort-int8"):  # the other routes of the dense model, for the record
+        served = {name: (tower, route_for(precision, args.int8_backend)) for name, (tower, precision) in towers.items()}
+        for r in ("fp32-compile", "ort-fp32"):  # the other fp32 routes of the dense model
             served[f"dense_{r}"] = (towers["dense_fp32"][0], r)
         calls = {}
         for name, (tower, route) in served.items():

@@ -130,8 +130,10 @@ def cmd_profile(args) -> None:
     from recsys.efficiency import profile
     from recsys.tracking.records import write_json
     if args.validate:
-        out = profile.validate(args.encoder, args.shapes, args.seq_len, n_threads=args.threads)
-        print(f"latency predictor on {out['n_shapes']} sub-shapes of {args.encoder} ({out['device']}, "
+        out = profile.validate(args.encoder, args.shapes, args.seq_len, n_threads=args.threads,
+                               precision=args.precision, int8_backend=args.int8_backend)
+        print(f"latency predictor on {out['n_shapes']} sub-shapes of {args.encoder} served by {out['route']} "
+              f"({out['device']}, "
               f"{out['threads']} threads, seq {out['seq_len']}, batch 1): MAPE {out['mape']:.1f}%, "
               f"p90 |error| {out['p90_abs_pct_err']:.1f}%, {100 * out['within_10pct']:.0f}% within ±10%; "
               f"measured {out['measured_ms_min']:.1f}–{out['measured_ms_max']:.1f} ms\n"
@@ -140,17 +142,16 @@ def cmd_profile(args) -> None:
               f"{100 * out['within_10pct_relative_to_dense']:.0f}% within ±10%")
     else:
         out = profile.profile(args.encoder, args.shape, args.seq_len, args.items, n_threads=args.threads,
-                              precision=args.precision)
+                              precision=args.precision, int8_backend=args.int8_backend)
         fp32 = args.precision == "fp32"
-        rows = [("precision", args.precision),
+        rows = [("precision", f"{args.precision} (served by {out['route']})"),
                 ("params", f"{out['params'] / 1e6:.2f} M"), ("FLOPs (user, batch 1)", f"{out['flops'] / 1e9:.3f} G"),
                 ("weight bytes", f"{out['weight_bytes'] / 2**20:.1f} MiB"),
                 ("online FLOPs (+ scoring)", f"{out['online_flops'] / 1e9:.3f} G"),
                 ("measured user tower", f"{out['measured_user_ms']['median_ms']:.2f} ms "
                                         f"(p90 {out['measured_user_ms']['p90_ms']:.2f})"),
-                ("predicted user tower", f"{out['predicted_user_ms']:.2f} ms" if fp32 else "- (fp32 tables only)"),
-                (f"predicted online ({args.items} items)",
-                 f"{out['predicted_online_ms']:.2f} ms" if fp32 else "- (fp32 tables only)"),
+                ("predicted user tower", f"{out['predicted_user_ms']:.2f} ms"),
+                (f"predicted online ({args.items} items)", f"{out['predicted_online_ms']:.2f} ms"),
                 ("item throughput (batch 64)",
                  f"{out['item_throughput']['items_per_s']:.0f} items/s" if fp32 else "- (measured for fp32)")]
         for k, v in rows:
@@ -191,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--items", type=int, default=10000, help="catalog size for the online cost")
     pr.add_argument("--threads", type=int, default=None)
     pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
-                    help="serve the tower at this precision (bf16 / int8: compiled, torchao int8 kernels)")
+                    help="serve the tower at this precision (bf16: compiled; int8: see --int8-backend)")
+    pr.add_argument("--int8-backend", default="torchao", choices=["torchao", "onnxruntime"],
+                    help="int8 kernels: torchao + compile (VNNI/AMX CPUs, GPUs) or ONNX Runtime (any x86)")
     pr.add_argument("--validate", action="store_true", help="predictor error on random sub-shapes")
     pr.add_argument("--shapes", type=int, default=30)
     pr.add_argument("--output", help="write the result as JSON")

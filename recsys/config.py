@@ -157,7 +157,7 @@ class CompressConfig:
     prune_ratio: float | None = None  # post-hoc pruning: close this fraction of heads and FFN groups by importance
     prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
     precision: str = "fp32"  # precision the towers are served at: fp32 | bf16 | int8 (recsys/efficiency/quantize.py)
-    qat: bool = False  # int8 quantization-aware training: fake-quantised Linear layers (needs precision int8)
+    qat: bool = False  # int8 quantization-aware training: Linear layers fake-quantised as int8_backend serves them
     int8_backend: str = "torchao"  # int8 serving kernels: torchao (VNNI/AMX CPUs, GPUs) | onnxruntime (any x86)
     quantize_layers: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # + projection
 
@@ -181,10 +181,7 @@ class CompressConfig:
 
         _check_choice(self, "precision", PRECISIONS)
         _check_choice(self, "int8_backend", BACKENDS)
-        check_layers(self.quantize_layers)
-        if self.qat and self.int8_backend != "torchao":
-            raise ValueError("qat simulates torchao's int8 scheme (per-token activations); int8_backend="
-                             f"{self.int8_backend} serves post-training int8 only")
+        check_layers(self.quantize_layers, self.int8_backend if self.precision == "int8" else "torchao")
         if self.qat and self.precision != "int8":
             raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")

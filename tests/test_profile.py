@@ -27,16 +27,19 @@ def test_profile_prints_costs_and_writes_json(tiny_model, tmp_path, capsys):
     assert data["params"] > 0 and data["measured_user_ms"]["median_ms"] > 0 and data["predicted_user_ms"] > 0
 
 
-def test_profile_at_int8_serves_real_int8_and_counts_int8_bytes(tiny_model, tmp_path, capsys):
+def test_profile_at_int8_serves_real_int8_with_its_own_calibration(tiny_model, tmp_path, capsys):
     fp32, int8 = tmp_path / "fp32.json", tmp_path / "int8.json"
     assert main(["profile", "--encoder", tiny_model, "--seq-len", "32", "--output", str(fp32)]) == 0
     assert main(["profile", "--encoder", tiny_model, "--seq-len", "32", "--precision", "int8",
-                 "--output", str(int8)]) == 0
+                 "--int8-backend", "onnxruntime", "--output", str(int8)]) == 0
     printed = capsys.readouterr().out
-    assert "int8" in printed and "fp32 tables only" in printed
+    assert "int8 (served by ort-int8)" in printed
     a, b = json.loads(fp32.read_text()), json.loads(int8.read_text())
-    assert b["precision"] == "int8" and b["shape"]["dtype"] == "int8" and b["predicted_user_ms"] is None
+    assert b["precision"] == "int8" and b["route"] == "ort-int8" and b["shape"]["dtype"] == "int8"
     assert b["weight_bytes"] < a["weight_bytes"] and b["measured_user_ms"]["median_ms"] > 0
+    assert b["predicted_user_ms"] > 0 and b["predicted_user_ms"] != a["predicted_user_ms"]
+    # the fp32 operator tables, and the constants fitted on the int8 route beside them
+    assert len(list((tmp_path / "cache").glob("tables-*.json"))) == 2
     assert main(["profile", "--encoder", tiny_model, "--precision", "int4"]) == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
 

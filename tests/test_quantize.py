@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from recsys.cli import main
-from recsys.efficiency.quantize import ROUTES, is_qat, prepare_qat, quantize_int8, serve
+from recsys.efficiency.quantize import ROUTES, is_qat, prepare_qat, quantize_int8, serve, simulate_int8
+
+ALL = ["attention", "ffn", "projection"]
 
 
 @pytest.fixture
@@ -40,9 +42,45 @@ def test_qat_fake_quantisation_equals_the_int8_kernels(tower):
     assert (sim - float_out).abs().max() > 1e-4  # and that is not the float model
 
 
-def test_prepare_qat_keeps_parameters_and_trains(tower):
+def _ort_int8(tower, x, layers):
+    with torch.no_grad():
+        return serve(tower, "ort-int8", x, layers)(x)
+
+
+ORT = ["attention", "ffn"]
+
+
+@pytest.mark.parametrize("layers", [ORT, ["ffn"]])
+def test_ort_fake_quantisation_equals_the_onnxruntime_session(tower, layers):
+    x = _inputs(batch=1, seq=16)
+    sim = simulate_int8(tower, layers, "onnxruntime")
+    assert is_qat(sim) and not is_qat(tower)
+    with torch.no_grad():
+        simulated, float_out = sim(**x), tower(**x)
+    served = _ort_int8(tower, x, layers)
+    gap = (simulated - served).abs().max()
+    assert gap < 1e-5  # QAT trains on what ONNX Runtime serves
+    assert (simulated - float_out).abs().max() > 5 * gap
+    if layers != ORT:  # only the named layers are quantized, in the session as in the simulation
+        with torch.no_grad():
+            assert (simulate_int8(tower, ORT, "onnxruntime")(**x) - served).abs().max() > 5 * gap
+
+
+def test_ort_fake_quantisation_is_per_example(tower):
+    """A training batch quantizes each example over its own tensor, as a batch-1 request is quantized."""
+    sim = simulate_int8(tower, ORT, "onnxruntime")
+    x = _inputs(batch=3, seq=10)
+    x["attention_mask"][:] = 1
+    with torch.no_grad():
+        batch = sim(**x)
+        alone = torch.cat([sim(**{k: v[i:i + 1] for k, v in x.items()}) for i in range(3)])
+    assert (batch - alone).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torchao", "onnxruntime"])
+def test_prepare_qat_keeps_parameters_and_trains(tower, backend):
     params = {n: p for n, p in tower.named_parameters()}
-    prepare_qat(tower)
+    prepare_qat(tower, backend=backend)
     assert all(p is params[n] for n, p in tower.named_parameters())  # an optimizer keeps working
     tower.train()
     tower(**_inputs()).sum().backward()
@@ -76,14 +114,34 @@ def test_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path):
         assert (module.user_tower(**x) - quantize_int8(module.user_tower)(**x)).abs().max() < 1e-5
 
 
+def test_onnxruntime_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path, monkeypatch):
+    from recsys.efficiency import predictor
+    monkeypatch.setattr(predictor, "CACHE_DIR", tmp_path / "cache")
+    # with a latency penalty: the predictor is calibrated on the int8 route the tower will be served by
+    assert main(["train", *small_synthetic_args, "compress.precision=int8", "compress.qat=true",
+                 "compress.int8_backend=onnxruntime", "compress.gates=[heads,ffn]", "compress.lambda_latency=0.5"]) == 0
+    keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache").glob("tables-*.json")]
+    assert sorted(k.get("route", "fp32") for k in keys) == ["fp32", "ort-int8"]
+    from recsys.efficiency.materialize import materialize
+    from recsys.train import load_run
+    _, module = load_run(tmp_path / "results" / "runs" / "t")
+    assert is_qat(module.user_tower)
+    tower = materialize(module.user_tower)
+    x = _inputs(batch=1, seq=16)
+    with torch.no_grad():
+        served = _ort_int8(tower, x, ORT)
+        assert (simulate_int8(tower, ORT, "onnxruntime")(**x) - served).abs().max() < 1e-5
+
+
 def test_quantization_bad_input(small_synthetic_args, tmp_path, capsys):
     cases = {
         "compress.precision=int4": "precision must be one of fp32, bf16, int8",
         "compress.precision=int8 compress.int8_backend=tensorrt": "int8_backend must be one of torchao, onnxruntime",
-        "compress.precision=int8 compress.qat=true compress.int8_backend=onnxruntime": "qat simulates torchao's",
         "compress.qat=true": "qat trains for int8 serving",
         "compress.precision=int8 compress.qat=true compress.quantize_layers=[embeddings]":
             "quantize_layers: 'embeddings' cannot be quantized",
+        "compress.precision=int8 compress.int8_backend=onnxruntime compress.quantize_layers=[ffn,projection]":
+            "'projection' stays float with int8_backend=onnxruntime",
     }
     for override, message in cases.items():
         assert main(["train", *small_synthetic_args, *override.split()]) == 2

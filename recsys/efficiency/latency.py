@@ -126,20 +126,22 @@ def item_throughput(tower: torch.nn.Module, batch: int = 64, seq_len: int = 24, 
     return {"items_per_s": batch / (t.p50 / 1e3), "batch": batch, "seq_len": seq_len, **t.as_dict()}
 
 
-def served_user_call(tower: torch.nn.Module, seq_len: int, route: str = "fp32") -> Callable[[], torch.Tensor]:
-    """The user tower at batch 1 served by `route` (`recsys.efficiency.quantize.ROUTES`; fp32 = eager)."""
+def served_user_call(tower: torch.nn.Module, seq_len: int, route: str = "fp32",
+                     layers=("attention", "ffn")) -> Callable[[], torch.Tensor]:
+    """The user tower at batch 1 served by `route` (`recsys.efficiency.quantize.ROUTES`; fp32 = eager; int8
+    routes quantize the Linear `layers`)."""
     if route == "fp32":
         return user_tower_call(tower, seq_len)
     from recsys.efficiency.quantize import serve
     inputs = tower_inputs(1, seq_len)
-    served = serve(tower, route, inputs)
+    served = serve(tower, route, inputs, layers)
     return lambda: served(inputs)
 
 
-def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int,
-                  route: str = "fp32") -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int, route: str = "fp32",
+                  layers=("attention", "ffn")) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
     """(user tower at batch 1 served by `route`, exact retrieval over `n_items`) of one request."""
-    user = served_user_call(tower, seq_len, route)
+    user = served_user_call(tower, seq_len, route, layers)
     return user, retrieval_call(n_items, int(user().shape[-1]))
 
 

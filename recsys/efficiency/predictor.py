@@ -8,9 +8,16 @@ probability, so it is differentiable in the gate probabilities (the λ-latency p
 
 Tables are cached on disk under a key of hardware, threads, dtype and torch version; a different key
 rebuilds them (with a progress bar). Building takes about a minute for MiniLM-sized grids.
+
+Precision is part of the key: a tower served by another route (bf16 + compile, int8 through torchao or ONNX
+Runtime; `recsys.efficiency.quantize.ROUTES`) gets its own three calibration constants, fitted on the
+calibration shapes served by that route, over the fp32 operator tables — the operators' relative costs carry
+over, their absolute speed-up and the route's fixed cost are fitted (`recsys profile --validate --precision`
+measures how well).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -206,15 +213,15 @@ def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float])
     tab.attn_scale, tab.ffn_scale, tab.overhead_ms = (float(c) for c in coef)
 
 
-def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3) -> list[float]:
-    """Median ms of a fresh tower at each shape (batch 1, its seq_len), measured interleaved in rounds so that
-    this machine's drift spreads over all shapes alike."""
-    from recsys.efficiency.latency import interleaved, user_tower_call
+def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3, route: str = "fp32") -> list[float]:
+    """Median ms of a fresh tower at each shape (batch 1, its seq_len) served by `route`, measured interleaved
+    in rounds so that this machine's drift spreads over all shapes alike."""
+    from recsys.efficiency.latency import interleaved, served_user_call
     from recsys.models.encoder import BertEncoder
     from recsys.models.tower import Tower
 
-    calls = {i: user_tower_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim), s.seq_len)
-             for i, s in enumerate(shapes)}
+    calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim).eval(),
+                                 s.seq_len, route) for i, s in enumerate(shapes)}
     timings = interleaved(calls, rounds=rounds, per_round=per_round)
     return [timings[i].p50 for i in range(len(shapes))]
 
@@ -228,43 +235,54 @@ def calibration_shapes(base: Shape) -> list[Shape]:
     return [dense, empty] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 2)]
 
 
-def recalibrate(tab: LatencyTables, base: Shape) -> LatencyTables:
-    """Measure the calibration shapes now (interleaved, under the measurement lock) and refit the three
-    calibration constants: the operator tables keep their shape, the constants follow this machine's current
-    speed, which drifts 10-30% over minutes on a shared VM."""
+def recalibrate(tab: LatencyTables, base: Shape, route: str = "fp32") -> LatencyTables:
+    """Measure the calibration shapes now, served by `route` (interleaved, under the measurement lock), and
+    refit the three calibration constants: the operator tables keep their shape, the constants follow the route
+    and this machine's current speed, which drifts 10-30% over minutes on a shared VM."""
     shapes = calibration_shapes(base)
     with threads(None), exclusive():
-        measured = measure_towers(shapes)
+        measured = measure_towers(shapes, route=route)
     calibrate(tab, shapes, measured)
     return tab
 
 
+def _cached(path: Path, key: dict) -> LatencyTables | None:
+    try:
+        data = json.loads(path.read_text())
+        return LatencyTables(**data) if data.get("key") == key else None
+    except (OSError, json.JSONDecodeError, TypeError, UnicodeDecodeError):
+        return None  # missing, corrupt or outdated: rebuilt by the caller
+
+
 def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = True, anchor: bool = False,
-                  **build_kw) -> LatencyTables:
-    """Tables for this device and `base`'s architecture, from the cache (default `CACHE_DIR`, i.e.
-    $RECSYS_CACHE/latency) or measured now (and cached).
+                  route: str = "fp32", **build_kw) -> LatencyTables:
+    """Tables for this device, `base`'s architecture and the serving `route` (fp32 eager by default), from the
+    cache (default `CACHE_DIR`, i.e. $RECSYS_CACHE/latency) or measured now (and cached).
 
     `anchor=True` refits the calibration constants on shapes measured now (about 10 s for MiniLM) — for
     absolute milliseconds; ratios to the dense model (what the λ-latency penalty uses) do not need it."""
     cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
     key = device_key("float32")
     path = _cache_path(key, base, cache_dir)
-    if path.is_file():
+    tab = _cached(path, key)
+    fresh = tab is None
+    if fresh:
         try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                tab = LatencyTables(**data)
-                return recalibrate(tab, base) if anchor else tab
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-            pass  # a corrupt or outdated cache file is rebuilt below
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RecsysError(f"latency cache folder {path.parent}: cannot create it ({e.strerror}); "
-                          "set $RECSYS_CACHE to a writable folder") from None
-    tab = recalibrate(build_tables(base, progress=progress, **build_kw), base)
-    write_json(path, vars(tab))
-    return tab
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RecsysError(f"latency cache folder {path.parent}: cannot create it ({e.strerror}); "
+                              "set $RECSYS_CACHE to a writable folder") from None
+        tab = recalibrate(build_tables(base, progress=progress, **build_kw), base)
+        write_json(path, vars(tab))
+    if route == "fp32":
+        return recalibrate(tab, base) if anchor and not fresh else tab
+    rkey = {**key, "route": route}  # the fp32 operator tables with constants fitted on this route
+    rpath = _cache_path(rkey, base, cache_dir)
+    routed = None if anchor else _cached(rpath, rkey)
+    if routed is None:
+        routed = recalibrate(dataclasses.replace(tab, key=rkey), base, route)
+        write_json(rpath, vars(routed))
+    return routed
 
 
 def random_subshape(base: Shape, rng: np.random.Generator) -> Shape:

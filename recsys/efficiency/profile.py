@@ -51,13 +51,23 @@ def _tower(shape: Shape, encoder: str):
     return Tower(enc, shape.hidden, shape.output_dim).eval()
 
 
-def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int = 128, n_items: int = 10000,
-            n_threads: int | None = None, progress: bool = True, precision: str = "fp32") -> dict:
-    """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower, served at
-    `precision` (fp32 | bf16 | int8; the predictor's tables are fp32 only, so it predicts fp32 alone)."""
-    from recsys.efficiency.quantize import DTYPE_OF, ROUTE_OF
+def _route(precision: str, int8_backend: str) -> str:
+    from recsys.efficiency.quantize import BACKENDS, ROUTE_OF, route_for
     if precision not in ROUTE_OF:
         raise RecsysError(f"--precision: unknown precision {precision!r} (expected {', '.join(ROUTE_OF)})")
+    if int8_backend not in BACKENDS:
+        raise RecsysError(f"--int8-backend: unknown backend {int8_backend!r} (expected {', '.join(BACKENDS)})")
+    return route_for(precision, int8_backend)
+
+
+def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int = 128, n_items: int = 10000,
+            n_threads: int | None = None, progress: bool = True, precision: str = "fp32",
+            int8_backend: str = "torchao") -> dict:
+    """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower, served at
+    `precision` (fp32 | bf16 | int8, int8 through `int8_backend`'s kernels); the predictor uses the tables
+    calibrated for that serving route."""
+    from recsys.efficiency.quantize import DTYPE_OF
+    route = _route(precision, int8_backend)
     dense = _dense_shape(encoder, seq_len)
     shape = load_shape(shape_path).replace(seq_len=seq_len, batch=1) if shape_path else dense.replace(batch=1)
     shape = shape.replace(dtype=DTYPE_OF[precision])
@@ -66,22 +76,24 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
             tower = _tower(shape, encoder)  # checks the shape against the checkpoint before any measuring
         except RecsysError as e:
             raise RecsysError(f"{shape_path}: {e}" if shape_path else str(e)) from None
-        tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True) if precision == "fp32" else None
-        user_ms = measure(served_user_call(tower, seq_len, ROUTE_OF[precision]), min_seconds=1.0)
+        tab = load_or_build(dense.replace(batch=1), progress=progress, anchor=True, route=route)
+        user_ms = measure(served_user_call(tower, seq_len, route), min_seconds=1.0)
         thr = item_throughput(tower, batch=64, seq_len=24) if precision == "fp32" else None
     on = online_cost(shape, n_items)
     return {"shape": shape.to_dict(), **cost(shape), "online_flops": on["flops"], "n_items": n_items,
-            "measured_user_ms": user_ms.as_dict(), "precision": precision,
-            "predicted_user_ms": predict(tab, shape) if tab else None,
-            "predicted_online_ms": predict(tab, shape, n_items) if tab else None, "item_throughput": thr,
+            "measured_user_ms": user_ms.as_dict(), "precision": precision, "route": route,
+            "predicted_user_ms": predict(tab, shape), "predicted_online_ms": predict(tab, shape, n_items),
+            "item_throughput": thr,
             **environment(shape.dtype)}
 
 
 def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, seed: int = 0,
-             n_threads: int | None = None, progress: bool = True, rounds: int = 5) -> dict:
+             n_threads: int | None = None, progress: bool = True, rounds: int = 5, precision: str = "fp32",
+             int8_backend: str = "torchao") -> dict:
     """Measure (interleaved, in `rounds`) and predict `n_shapes` random sub-shapes of `encoder` (the dense
-    shape first), the predictor's calibration shapes measured alongside; report the predictor's error.
-    Random weights: latency does not depend on their values."""
+    shape first) served at `precision`, the predictor's calibration shapes measured alongside; report the
+    predictor's error. Random weights: latency does not depend on their values."""
+    route = _route(precision, int8_backend)
     dense = _dense_shape(encoder, seq_len).replace(batch=1)
     rng = np.random.default_rng(seed)
     shapes = [dense] + [random_subshape(dense, rng) for _ in range(n_shapes - 1)]
@@ -89,7 +101,7 @@ def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, se
     with threads(n_threads):
         tab = load_or_build(dense, progress=progress)
         with exclusive():
-            measured = measure_towers(shapes + cal, rounds=rounds)
+            measured = measure_towers(shapes + cal, rounds=rounds, route=route)
     # The calibration shapes are measured in the same rounds (this machine's speed drifts 10-30% within
     # minutes) and the three constants refitted on them alone: the validation shapes are never fitted.
     measured, cal_measured = measured[:len(shapes)], measured[len(shapes):]
@@ -111,6 +123,6 @@ def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, se
             "within_10pct_relative_to_dense": float((rel[1:] <= 10).mean()),
             "within_10pct": float((err <= 10).mean()), "n_shapes": len(rows),
             "measured_ms_min": float(m.min()), "measured_ms_max": float(m.max()), "device": env["hardware"]["cpu"],
-            "threads": env["threads"], "dtype": "float32", "batch": 1, "seq_len": seq_len,
+            "threads": env["threads"], "precision": precision, "route": route, "batch": 1, "seq_len": seq_len,
             "calibration": {"attn_scale": tab.attn_scale, "ffn_scale": tab.ffn_scale, "overhead_ms": tab.overhead_ms},
             "versions": env["versions"], "shapes": rows}

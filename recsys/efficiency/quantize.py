@@ -1,26 +1,31 @@
 """Int8 for a tower: quantization-aware training (QAT), post-training quantization (PTQ), and the serving routes
 the latency harness compares.
 
-One scheme everywhere: int8 symmetric per-channel weights and int8 asymmetric per-token dynamic activations on
-the encoder's Linear layers (`compress.quantize_layers`: attention q/k/v/out, FFN up/down, the projection).
-torchao's QAT fake-quantiser for that scheme (`IntxFakeQuantizeConfig`, inserted by `prepare_qat`) reproduces
-torchao's real int8 kernels (`Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC)`, applied by
-`quantize_int8`) to float precision — tested — so a QAT-trained tower is deployed through the real kernels,
-and PTQ is the same call on a float-trained tower. (torchao's own QAT convert target, an IntxWeight config,
-has no fast CPU kernel.) torchao's QAT supports asymmetric per-token activations only, hence that choice.
-CPUs without VNNI/AMX have no fast torchao int8 path (measured: 17× slower than fp32 on an AVX2 EPYC), so
-`compress.int8_backend=onnxruntime` serves int8 through ONNX Runtime instead (post-training: its per-tensor
-activations are not the scheme torchao's QAT simulates, so QAT is refused with that backend).
+Two int8 schemes, one per kernel backend (`compress.int8_backend`), each with a fake-quantiser that reproduces
+its real kernels in float, so QAT trains for exactly what is served and PTQ is the same deployment of a float
+tower:
+- torchao (CPUs with VNNI/AMX, GPUs): int8 symmetric per-channel weights, int8 asymmetric per-token dynamic
+  activations. QAT: torchao's `IntxFakeQuantizeConfig`; served by `Int8DynamicActivationInt8WeightConfig
+  (act_mapping_type=ASYMMETRIC)` + `torch.compile` (`quantize_int8`). torchao's own QAT convert target, an
+  IntxWeight config, has no fast CPU kernel; its QAT supports asymmetric per-token activations only.
+- onnxruntime (any x86; measured 1.7× faster than fp32 eager on an AVX2 EPYC where torchao's int8 path is 17×
+  slower): `quantize_dynamic` with per-channel weights. Its weights are int8 symmetric per output channel in
+  7 bits ([-64, 64], `reduce_range`: the u8×s8 AVX2 kernels saturate their int16 sums at full range) and its
+  activations uint8 asymmetric per tensor, computed at run time (`DynamicQuantizeLinear`). QAT:
+  `OrtFakeQuantLinear` (torch's fake-quantize ops, straight-through gradients), per example so that a training
+  batch sees what a batch-1 request sees — tested against the ONNX Runtime session.
+Both quantize the Linear layers named by `compress.quantize_layers` (attention q/k/v/out, FFN up/down, and with
+torchao the projection); embeddings, LayerNorms and attention's activation×activation products stay float.
 
 Serving routes (`serve`): fp32 eager, fp32 `torch.compile` (freezing), bf16 + compile, torchao int8 + compile,
-ONNX Runtime fp32 and ONNX Runtime int8 (`quantize_dynamic`, per-channel weights; its activations are
-per-tensor, so it is PTQ-like even for a QAT tower).
+ONNX Runtime fp32 and ONNX Runtime int8.
 
 References: Jacob et al. 2018 (integer-arithmetic-only inference and QAT, arXiv:1712.05877); Zafrir et al.
-2019 (Q8BERT, arXiv:1910.06188).
+2019 (Q8BERT, arXiv:1910.06188); Bengio et al. 2013 (straight-through estimator, arXiv:1308.3432).
 """
 from __future__ import annotations
 
+import ast
 import copy
 import tempfile
 from pathlib import Path
@@ -45,17 +50,62 @@ def route_for(precision: str, backend: str = "torchao") -> str:
     return "ort-int8" if precision == "int8" and backend == "onnxruntime" else ROUTE_OF[precision]
 
 
-def check_layers(layers: list[str] | tuple[str, ...]) -> None:
+def check_layers(layers: list[str] | tuple[str, ...], backend: str = "torchao") -> None:
     for name in layers:
         if name not in LAYERS:
             raise ValueError(f"quantize_layers: {name!r} cannot be quantized to int8 "
                              f"(supported: {', '.join(LAYERS)}; embeddings and LayerNorms stay float)")
+    if backend == "onnxruntime" and "projection" in layers:
+        # the exporter writes the projection (a 2-D input) as Gemm, which quantize_dynamic leaves in float
+        raise ValueError("quantize_layers: 'projection' stays float with int8_backend=onnxruntime (its dynamic "
+                         "quantization has no integer Gemm); quantize attention and ffn")
+
+
+def _suffixes(layers) -> tuple[str, ...]:
+    check_layers(layers)
+    return tuple(s for name in layers for s in LAYERS[name])
 
 
 def _filter(layers) -> Callable[[nn.Module, str], bool]:
-    check_layers(layers)
-    suffixes = tuple(s for name in layers for s in LAYERS[name])
+    suffixes = _suffixes(layers)
     return lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(suffixes)
+
+
+class OrtFakeQuantLinear(nn.Linear):
+    """A Linear layer computing what ONNX Runtime's dynamic int8 MatMul computes (see the module docstring), in
+    float with straight-through gradients. Holds the same parameters as the Linear it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, ..., in]
+        return nn.functional.linear(ort_fake_quant_activation(x), ort_fake_quant_weight(self.weight), self.bias)
+
+
+def ort_fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] → int8 symmetric per output channel, 7-bit range [-64, 64], back to float."""
+    scale = (w.detach().abs().amax(1) / 64).clamp_min(torch.finfo(torch.float32).tiny).float()  # [out]
+    zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -64, 64)
+
+
+def ort_fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """x [B, ...] → uint8 asymmetric over each example's whole tensor (its range widened to include 0, as
+    DynamicQuantizeLinear does at batch 1), back to float."""
+    flat = x.reshape(x.shape[0], -1)  # [B, n]
+    lo = flat.detach().amin(1).clamp(max=0)
+    hi = flat.detach().amax(1).clamp(min=0)
+    scale = ((hi - lo) / 255).float()
+    scale = torch.where(scale > torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))  # [B]
+    zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int32)
+    return torch.fake_quantize_per_channel_affine(flat, scale, zero, 0, 0, 255).reshape(x.shape)
+
+
+def _swap(tower: nn.Module, keep: Callable[[nn.Module, str], bool], to: type[nn.Linear]) -> None:
+    """Replace each Linear for which keep(module, name) holds by a `to` layer holding the same parameters."""
+    for name, m in list(tower.named_modules()):
+        if keep(m, name):
+            new = to(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight, new.bias = m.weight, m.bias
+            parent, _, child = name.rpartition(".")
+            setattr(tower.get_submodule(parent) if parent else tower, child, new)
 
 
 def _fake_quant_configs():
@@ -66,9 +116,16 @@ def _fake_quant_configs():
     return activations, weights
 
 
-def prepare_qat(tower: nn.Module, layers=("attention", "ffn")) -> nn.Module:
-    """Insert int8 fake-quantisation into `tower`'s Linear layers in place (parameters are kept, so an
-    optimizer built before or after sees the same tensors); forward and backward run in float."""
+def prepare_qat(tower: nn.Module, layers=("attention", "ffn"), backend: str = "torchao") -> nn.Module:
+    """Insert int8 fake-quantisation of `backend`'s scheme into `tower`'s Linear layers in place (parameters are
+    kept, so an optimizer built before or after sees the same tensors); forward and backward run in float."""
+    if backend not in BACKENDS:
+        raise RecsysError(f"int8_backend: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    if backend == "onnxruntime":
+        check_layers(layers, backend)
+        keep = _filter(layers)
+        _swap(tower, lambda m, fqn: type(m) is nn.Linear and keep(m, fqn), OrtFakeQuantLinear)
+        return tower
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -83,13 +140,25 @@ def convert_qat(tower: nn.Module) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    quantize_(tower, QATConfig(step="convert"), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    _swap(tower, lambda m, fqn: isinstance(m, OrtFakeQuantLinear), nn.Linear)
+    if is_qat(tower):
+        quantize_(tower, QATConfig(step="convert"), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
     return tower
 
 
 def is_qat(tower: nn.Module) -> bool:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
-    return any(isinstance(m, FakeQuantizedLinear) for m in tower.modules())
+    return any(isinstance(m, (FakeQuantizedLinear, OrtFakeQuantLinear)) for m in tower.modules())
+
+
+def simulate_int8(tower: nn.Module, layers=("attention", "ffn"), backend: str = "torchao") -> nn.Module:
+    """An eager copy of `tower` computing the numbers its int8 route serves, for evaluation: torchao's real
+    int8 kernels (`quantize_int8`), or the ONNX Runtime scheme's fake-quantisation (equal to the session up to
+    float rounding, tested) — a QAT tower's own quantisers are replaced by the same."""
+    if backend == "torchao":
+        return quantize_int8(tower, layers)
+    sim = convert_qat(copy.deepcopy(tower)).eval()
+    return prepare_qat(sim, layers, backend)
 
 
 def quantize_int8(tower: nn.Module, layers=("attention", "ffn")) -> nn.Module:
@@ -113,7 +182,26 @@ def _compiled(module: nn.Module) -> Callable:
     return torch.compile(module, dynamic=False)
 
 
-def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool, workdir: Path):
+def _linear_nodes(model, layers) -> list[str]:
+    """Names of the ONNX MatMul nodes that the torch exporter emitted for the Linear layers in `layers` (it
+    records each node's module path in the `pkg.torch.onnx.name_scopes` metadata); [] for a tower without any
+    (every block pruned)."""
+    check_layers(layers, "onnxruntime")
+    suffixes, nodes, traced = _suffixes(layers), [], False
+    for node in model.graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
+                       if p.key == "pkg.torch.onnx.name_scopes"), [])
+        traced |= bool(scopes)
+        if node.op_type == "MatMul" and len(scopes) >= 2 and scopes[-2].endswith(suffixes):
+            nodes.append(node.name)
+    if not traced:
+        raise RecsysError("ONNX Runtime int8: the exported graph records no module paths (pkg.torch.onnx.name_scopes)"
+                          "; cannot tell which MatMuls are the quantize_layers")
+    return nodes
+
+
+def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool, workdir: Path,
+                  layers=("attention", "ffn")):
     import onnxruntime as ort
 
     from recsys.efficiency.export import OPSET
@@ -122,14 +210,18 @@ def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool
                       input_names=["input_ids", "attention_mask"], output_names=["tower_output"], opset_version=OPSET,
                       dynamo=True, verbose=False)
     if int8:
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
         q = workdir / "tower.int8.onnx"
-        # weight matmuls only (the Linear layers, as torchao's route): no embedding Gather, no activation×activation.
+        # the Linear layers in `layers` only (as torchao's route): no embedding Gather, no activation×activation.
         # reduce_range: 7-bit weights, so the u8×s8 AVX2 kernels (no VNNI) cannot saturate their int16 sums —
         # with full-range weights the tiny test tower's embeddings moved by 0.30, with 7 bits by 0.006
-        quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
-        path = q
+        nodes = _linear_nodes(onnx.load(path), layers)
+        if nodes:  # (a tower whose blocks are all pruned has nothing to quantize)
+            quantize_dynamic(str(path), str(q), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                             extra_options={"MatMulConstBOnly": True})
+            path = q
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -146,7 +238,7 @@ def serve(tower: nn.Module, route: str, example: dict[str, torch.Tensor],
         convert_qat(base)
     if route.startswith("ort-"):
         with tempfile.TemporaryDirectory(prefix="recsys-ort-") as tmp:
-            session = _onnx_session(base, example, route == "ort-int8", Path(tmp))
+            session = _onnx_session(base, example, route == "ort-int8", Path(tmp), layers)
 
         def run(inputs):
             feed = {k: inputs[k].numpy() for k in ("input_ids", "attention_mask")}

@@ -73,7 +73,7 @@ class TwoTowerModule(pl.LightningModule):
         if c.qat:  # before any optimizer and before loading a QAT checkpoint: the parameters are kept
             from recsys.efficiency.quantize import prepare_qat
             for tower in {id(t): t for t in (self.user_tower, self.item_tower)}.values():
-                prepare_qat(tower, c.quantize_layers)
+                prepare_qat(tower, c.quantize_layers, c.int8_backend)
         if c.freeze_gates:
             for tower in (self.user_tower, self.item_tower):
                 if tower.gates is not None:
@@ -144,11 +144,14 @@ class TwoTowerModule(pl.LightningModule):
         if not (self.gated and (self.penalty.active or self.budget is not None)):
             return
         from recsys.efficiency.predictor import load_or_build
+        from recsys.efficiency.quantize import route_for
 
-        dm = self.trainer.datamodule
+        c, dm = self.compress_cfg, self.trainer.datamodule
         user_base = self.user_tower.shape.replace(seq_len=dm.data_cfg.user_max_tokens, batch=1)
-        needs_latency = self.compress_cfg.lambda_latency > 0 or self.compress_cfg.budget_metric == "latency"
-        tables = load_or_build(user_base, progress=False) if needs_latency else None
+        needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
+        # the latency of the route the tower will be served by (its precision's calibration)
+        tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend))
+                  if needs_latency else None)
         self.user_costs = CostNormaliser(user_base, dm.split.n_items, tables)
         if self.separate and self.item_tower.gates is not None:
             self.item_costs = CostNormaliser(self.item_tower.shape.replace(seq_len=dm.data_cfg.item_max_tokens))

@@ -276,7 +276,7 @@ def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], obj
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
     route = route_for(run_cfg.compress.precision, run_cfg.compress.int8_backend)
-    user, search = request_calls(tower, seq, n_items, route)
+    user, search = request_calls(tower, seq, n_items, route, run_cfg.compress.quantize_layers)
     c = online_cost(tower.shape.replace(seq_len=seq, batch=1), n_items)
     return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items}
 
