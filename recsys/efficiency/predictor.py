@@ -220,8 +220,8 @@ def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3, rou
     from recsys.models.encoder import BertEncoder
     from recsys.models.tower import Tower
 
-    calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim).eval(),
-                                 s.seq_len, route) for i, s in enumerate(shapes)}
+    calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim), s.seq_len,
+                                 route) for i, s in enumerate(shapes)}
     timings = interleaved(calls, rounds=rounds, per_round=per_round)
     return [timings[i].p50 for i in range(len(shapes))]
 

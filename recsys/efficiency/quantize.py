@@ -61,13 +61,13 @@ def check_layers(layers: list[str] | tuple[str, ...], backend: str = "torchao") 
                          "quantization has no integer Gemm); quantize attention and ffn")
 
 
-def _suffixes(layers) -> tuple[str, ...]:
-    check_layers(layers)
+def _suffixes(layers, backend: str = "torchao") -> tuple[str, ...]:
+    check_layers(layers, backend)
     return tuple(s for name in layers for s in LAYERS[name])
 
 
-def _filter(layers) -> Callable[[nn.Module, str], bool]:
-    suffixes = _suffixes(layers)
+def _filter(layers, backend: str = "torchao") -> Callable[[nn.Module, str], bool]:
+    suffixes = _suffixes(layers, backend)
     return lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(suffixes)
 
 
@@ -122,8 +122,7 @@ def prepare_qat(tower: nn.Module, layers=("attention", "ffn"), backend: str = "t
     if backend not in BACKENDS:
         raise RecsysError(f"int8_backend: unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     if backend == "onnxruntime":
-        check_layers(layers, backend)
-        keep = _filter(layers)
+        keep = _filter(layers, backend)
         _swap(tower, lambda m, fqn: type(m) is nn.Linear and keep(m, fqn), OrtFakeQuantLinear)
         return tower
     from torchao.quantization import quantize_
@@ -186,8 +185,7 @@ def _linear_nodes(model, layers) -> list[str]:
     """Names of the ONNX MatMul nodes that the torch exporter emitted for the Linear layers in `layers` (it
     records each node's module path in the `pkg.torch.onnx.name_scopes` metadata); [] for a tower without any
     (every block pruned)."""
-    check_layers(layers, "onnxruntime")
-    suffixes, nodes, traced = _suffixes(layers), [], False
+    suffixes, nodes, traced = _suffixes(layers, "onnxruntime"), [], False
     for node in model.graph.node:
         scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
                        if p.key == "pkg.torch.onnx.name_scopes"), [])

@@ -167,7 +167,6 @@ def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
     mode = os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
         return
-    os.environ["WANDB_MODE"] = mode  # wandb reads it once per process: later runs in this process keep it
     import wandb
 
     run = wandb.init(project="recsys", group=cfg.study, name=f"{cfg.study}-summary", job_type="sweep-summary",
