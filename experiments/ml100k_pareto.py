@@ -80,19 +80,29 @@ def main(argv=None) -> int:
                 "val": {k[4:]: v for k, v in p.items() if k.startswith("val_")},
                 "test": {k[5:]: v for k, v in p.items() if k.startswith("test_")},
                 "measured_ms_median": p.get("val_latency")} for p in post["pareto"]]
-    own_minutes = sum(s.get("wall_minutes", 0) * (1 - (s.get("overhead_fraction") or 0)) for s in (lam, post))
+    # Overhead covers this invocation only (a resumed run times the trials it ran); a study that had nothing
+    # left to run has no overhead_fraction and its report time counts as overhead.
+    own_minutes = sum(s["wall_minutes"] * (1 - s["overhead_fraction"]) for s in (lam, post)
+                      if s.get("overhead_fraction") is not None)
+    timing = {"wall_minutes": wall / 60, "overhead_fraction": max(0.0, 1 - own_minutes / (wall / 60)),
+              "timed_trials": sum(s.get("timed_trials", 0) for s in (lam, post))} if own_minutes else None
+    if timing is None and Path(args.out).is_file():  # nothing left to run: keep the timing of the run that trained
+        timing = {k: json.loads(Path(args.out).read_text()).get(k) for k in ("wall_minutes", "overhead_fraction",
+                                                                              "timed_trials")}
     out = {"dataset": "ml-100k", "n_trials": lam["n_trials"], "n_trials_posthoc": post["n_trials"],
            "sampler": cfg.sampler, "objectives": cfg.objectives, "directions": cfg.directions,
            "reference_point": lam["reference_point"], "reference": lam["reference"],
            "normalisation": lam["normalisation"],
            "hypervolume": {"lambda_search": lam["hypervolume"], "posthoc": post["hypervolume"],
                            "ratio": cmp["ratio"] if cmp else None},
-           "pareto": pareto, "posthoc": posthoc, "wall_minutes": wall / 60,
-           "overhead_fraction": max(0.0, 1 - own_minutes / (wall / 60)) if wall else None,
+           "pareto": pareto, "posthoc": posthoc,
+           "excluded": {"lambda_search": lam.get("excluded", []), "posthoc": post.get("excluded", [])},
+           **(timing or {"wall_minutes": wall / 60, "overhead_fraction": None}),
+           "trial_minutes": {"lambda_search": lam.get("trial_minutes"), "posthoc": post.get("trial_minutes")},
            "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
     write_json(Path(args.out), out)
     figure(lam, post, cfg.objectives, Path(args.figure))
-    print(json.dumps(out["hypervolume"]), f"wall {out['wall_minutes']:.1f} min", f"→ {args.out}, {args.figure}")
+    print(json.dumps(out["hypervolume"]), f"→ {args.out}, {args.figure}")
     return 0
 
 

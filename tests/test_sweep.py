@@ -64,14 +64,22 @@ def test_sweep_runs_reports_and_resumes(tmp_path, tiny_model, capsys):
         assert (Path(t["run_dir"]) / "test_metrics.json").is_file() == (int(t["trial"]) in front)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["n_trials"] == 3 and summary["reference_point"] == [1.0, 1.0] and summary["hypervolume"] >= 0
+    durations = sum(float(t["duration_s"]) for t in trials) / 60
+    assert summary["trial_minutes"] == pytest.approx(durations) and summary["trial_minutes"] <= summary["wall_minutes"]
+    assert 0 <= summary["overhead_fraction"] < 1
     assert (folder / "figures" / "pareto_front.png").is_file() and (folder / "figures" / "pareto_front.html").is_file()
     assert (folder / "journal.log").is_file()
     # re-running resumes: the study is complete, no trial is repeated
     assert main(["sweep", "--config", str(cfg)]) == 0
     assert len(read_csv(folder / "trials.csv")) == 3
+    resumed = json.loads((folder / "summary.json").read_text())
+    assert resumed["trial_minutes"] == pytest.approx(durations) and resumed["overhead_fraction"] is None
     # asking for more trials runs only the missing ones
     assert main(["sweep", "--config", str(cfg), "n_trials=4"]) == 0
-    assert [t["state"] for t in read_csv(folder / "trials.csv")] == ["COMPLETE"] * 4
+    trials = read_csv(folder / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+    # the seeded sampler does not start its sequence again when the study is resumed
+    assert len({t["param_compress.lambda_params"] for t in trials}) == 4
 
 
 def test_failing_trials_are_isolated(tmp_path, tiny_model):
@@ -202,6 +210,7 @@ def test_two_workers_on_postgres_record_exactly_n_trials(tmp_path, tiny_model, p
     ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, ["storage postgresql://***@127.0.0.1:1/none",
                                                                   "cannot connect"]),
     ({"n_trials": 0}, ["n_trials must be > 0"]),
+    ({"max_reference_drift": 1.0}, ["max_reference_drift must be > 1"]),
 ])
 def test_bad_sweep_config_is_one_line_and_writes_nothing(tmp_path, tiny_model, capsys, change, needles):
     cfg = write_sweep(tmp_path, tiny_model, **change)
@@ -240,8 +249,8 @@ def test_posthoc_baseline_front_and_comparison(tmp_path, tiny_model):
                   "tracking.progress_bar=false"]
     assert main(["train", *dense_args]) == 0
     dense = tmp_path / "results" / "runs" / "dense"
-    cfg = write_sweep(tmp_path, tiny_model, n_trials=2, reference_run=str(dense),
-                      overrides=[f"model.init_from={dense}", "compress.ffn_group=8"])
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=2, reference_run=str(dense), max_reference_drift=50,
+                      overrides=[f"model.init_from={dense}", "compress.ffn_group=8"])  # sub-ms timings are noisy
     assert main(["sweep", "--config", str(cfg)]) == 0
     assert main(["sweep", "--config", str(cfg), "--baseline", "posthoc"]) == 0
     post = tmp_path / "results" / "sweeps" / "test-posthoc"
@@ -261,3 +270,26 @@ def test_posthoc_baseline_front_and_comparison(tmp_path, tiny_model):
         c = t.user_attrs["costs"]
         assert c["latency_ratio"] == pytest.approx(c["latency_measured"] / c["reference_latency_now"])
         assert c["latency"] == pytest.approx(c["latency_ratio"] * ref["latency"])
+    # a reference that runs far off its cached speed beside a trial means a busy machine: a new trial is measured
+    # three times, then FAIL with the reason; finished trials measured that way stay off the front
+    cache = next((tmp_path / "results" / "sweeps").glob("reference-*.json"))
+    cache.write_text(json.dumps({**ref, "latency": ref["latency"] * 100}))
+    assert main(["sweep", "--config", str(cfg), "n_trials=3", "max_failed=1", "max_reference_drift=2"]) == 0
+    lam = tmp_path / "results" / "sweeps" / "test"
+    trials = read_csv(lam / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert trials[2]["fail_reason"].startswith("RecsysError: latency measurement disturbed")
+    assert all(t["excluded"].startswith("latency measurement disturbed") for t in trials[:2])
+    summary = json.loads((lam / "summary.json").read_text())
+    assert summary["pareto"] == [] and summary["hypervolume"] == 0 and len(summary["excluded"]) == 2
+
+
+def test_pareto_front_of_all_trials_is_optunas():
+    import optuna
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
+    study.optimize(lambda t: (t.suggest_float("a", 0, 1), t.suggest_float("b", 0, 1) + t.suggest_int("c", 0, 2)),
+                   n_trials=60)
+    from recsys.search.report import pareto_front
+    assert sorted(t.number for t in pareto_front(study.trials, ["maximize", "minimize"])) == \
+        sorted(t.number for t in study.best_trials)

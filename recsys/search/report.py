@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.search.sweep import OBJECTIVES, SweepConfig, open_study, reference_costs
+from recsys.search.sweep import OBJECTIVES, SweepConfig, disturbed, open_study, reference_costs
 from recsys.tracking.records import write_json
 
 
@@ -43,6 +43,14 @@ def hypervolume(points: list[list[float]], n_objectives: int) -> float:
     return float(compute_hypervolume(pts, np.ones(n_objectives))) if len(pts) else 0.0
 
 
+def pareto_front(trials, directions: list[str]) -> list:
+    """The trials no other trial dominates (Optuna's `study.best_trials`, over a subset of the trials)."""
+    sign = np.array([1.0 if d == "maximize" else -1.0 for d in directions])
+    vals = np.array([t.values for t in trials], dtype=float).reshape(len(trials), len(directions)) * sign
+    return [t for t, v in zip(trials, vals, strict=True)
+            if not any((w >= v).all() and (w > v).any() for w in vals)]
+
+
 def _test_metrics(run_dir: str) -> dict:
     """Test metrics of a Pareto trial: evaluated once, cached in its run folder."""
     path = Path(run_dir) / "test_metrics.json"
@@ -64,13 +72,18 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
     study = open_study(cfg)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
+    ref_costs = reference_costs(cfg) if done else None
+    # a trial measured while something else used the cores (sweeps before the check, see run_trial) stays in
+    # trials.csv with its reason and stays off the front
+    excluded = {t.number: why for t in done
+                if (why := disturbed(t.user_attrs.get("costs", {}), ref_costs, cfg.max_reference_drift))}
     folder = cfg.folder
     rows = []
     for t in trials:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         row = {"trial": t.number, "state": t.state.name, "duration_s": duration,
                "run_dir": t.user_attrs.get("run_dir", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
-               "worker": t.user_attrs.get("worker", ""),
+               "worker": t.user_attrs.get("worker", ""), "excluded": excluded.get(t.number, ""),
                "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
         row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
         row.update(_params(cfg, t))
@@ -84,7 +97,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                      "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
     if done:
         ref = _reference(cfg, done)
-        pareto = study.best_trials
+        pareto = pareto_front([t for t in done if t.number not in excluded], cfg.directions)
         points = [normalise(t.values, cfg.objectives, ref) for t in pareto]
         prow = []
         for t, p in zip(pareto, points, strict=True):
@@ -93,15 +106,18 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                          **{f"test_{k}": v for k, v in _test_metrics(t.user_attrs["run_dir"]).items()},
                          **_params(cfg, t), "run_dir": t.user_attrs["run_dir"]})
         _write_csv(folder / "pareto.csv", prow)
-        own = sum(t.user_attrs.get("own_seconds", 0.0) for t in done
-                  if since is None or (t.datetime_start and t.datetime_start >= since))
+        timed = [t for t in done if since is None or (t.datetime_start and t.datetime_start >= since)]
+        own = sum(t.user_attrs.get("own_seconds", 0.0) for t in timed)
         summary.update({"reference": ref, "reference_run": cfg.reference_run,
                         "reference_point": [1.0] * len(cfg.objectives),
                         "normalisation": "accuracy: 1 - v/ref; cost: c/ref (minimised)",
-                        "hypervolume": hypervolume(points, len(cfg.objectives)), "pareto": prow})
+                        "hypervolume": hypervolume(points, len(cfg.objectives)), "pareto": prow,
+                        "excluded": [{"trial": n, "reason": why} for n, why in excluded.items()],
+                        "trial_minutes": sum(r["duration_s"] for r in rows if r["state"] == "COMPLETE") / 60})
         if wall_seconds:
             summary["wall_minutes"] = wall_seconds / 60
             summary["overhead_fraction"] = max(0.0, 1 - own / (wall_seconds * workers)) if own else None
+            summary["timed_trials"] = len(timed)
         _figures(study, cfg, ref, folder / "figures")
         _wandb_summary(cfg, rows)
     write_json(folder / "summary.json", summary)

@@ -104,10 +104,15 @@ class SweepConfig:
     max_failed: int | None = None  # stop after this many failed trials (default: n_trials)
     heartbeat_interval: int = 30  # RDB storage: seconds between a running trial's heartbeats
     grace_period: int = 120  # RDB storage: a trial without a heartbeat for this long is stale (retried)
+    # the reference, measured interleaved with each trial, more than this factor off its cached latency means
+    # something else was using the cores: the trial is measured again (3 tries), then FAIL
+    max_reference_drift: float = 2.0
 
     def __post_init__(self):
         _check_choice(self, "sampler", SAMPLERS)
         _check_positive(self, "n_trials", "heartbeat_interval", "grace_period")
+        if not self.max_reference_drift > 1:
+            raise ValueError(f"max_reference_drift must be > 1, got {self.max_reference_drift}")
         if not self.objectives:
             raise ValueError("objectives must name at least one objective")
         for o in self.objectives:
@@ -191,17 +196,20 @@ def _redact(url: str) -> str:
     return url
 
 
-def make_sampler(cfg: SweepConfig):
+def make_sampler(cfg: SweepConfig, offset: int = 0):
+    """The study's sampler, seeded with `cfg.seed + offset`. Workers re-seed it before each trial with the number
+    of trials the study holds (see run_worker): a seeded sampler made once per process would draw the same
+    parameters again in every resumed run and in every parallel worker."""
     import optuna
 
-    s = cfg.sampler
+    s, seed = cfg.sampler, cfg.seed + offset
     if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=min(50, max(4, cfg.n_trials // 3)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, cfg.n_trials // 3)))
     if s == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if s == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 @contextlib.contextmanager
@@ -301,6 +309,17 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None,
     return out
 
 
+def disturbed(costs: dict, ref: dict | None, max_drift: float) -> str | None:
+    """Why a trial's latency cannot be trusted, or None: the reference measured beside it ran more than
+    `max_drift` times slower or faster than when it was cached. The ratio to the reference absorbs a machine
+    that is uniformly slower; it does not absorb another process taking the cores for part of the rounds."""
+    now = costs.get("reference_latency_now")
+    if ref is None or now is None or 1 / max_drift <= now / ref["latency"] <= max_drift:
+        return None
+    return (f"latency measurement disturbed: the reference ran at {now:.2f} ms beside the trial, "
+            f"{ref['latency']:.2f} ms when cached (another process on the cores?)")
+
+
 def reference_costs(cfg: SweepConfig) -> dict | None:
     """The reference (dense) run's validation metrics and costs, measured once and cached beside the studies
     (`reference-<run>.json`, shared by a λ study and its post-hoc twin); None without a reference run."""
@@ -365,7 +384,13 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
     costs = {}
     if set(cfg.objectives) & {"latency", "params", "flops"}:
         ref = reference_costs(cfg)
-        costs = measure_online(out["run_dir"], cfg.seq_len, reference=ref["run"] if ref else None)
+        for _ in range(3):
+            costs = measure_online(out["run_dir"], cfg.seq_len, reference=ref["run"] if ref else None)
+            why = disturbed(costs, ref, cfg.max_reference_drift)
+            if why is None:
+                break
+        else:
+            raise RecsysError(why)
         if ref:  # the latency at the machine speed the reference was measured at: ratio × reference ms
             costs["latency_measured"] = costs["latency"]
             costs["latency"] = costs["latency_ratio"] * ref["latency"]
@@ -439,6 +464,9 @@ def run_worker(cfg: SweepConfig) -> int:
                 print(f"warning: stopping: {failed} trials failed (max_failed {cfg.max_failed or cfg.n_trials})",
                       file=sys.stderr)
                 break
+            # under the claim lock the trial count is this trial's number: one seed per trial, the same draws
+            # whether the study ran in one go, was resumed, or is shared by several workers
+            study.sampler = make_sampler(cfg, offset=len(study.get_trials(deepcopy=False)))
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             ran += 1
         finally:
