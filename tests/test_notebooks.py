@@ -1,0 +1,60 @@
+"""The paper-figure notebooks run end to end (nbclient, a real kernel) on small results fixtures with the
+benchmarks' schema, and write their figures."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _lambda_runs() -> dict:
+    def run(name, ndcg, ms, **kw):
+        return {"name": name, "ndcg@10": ndcg, "measured_ms_median": ms, "predicted_ms": 0.9 * ms, "params": 1e6,
+                "asymmetric": False, "budget": None, "lambda_params": 0, "lambda_flops": 0, "lambda_latency": 0,
+                **kw}
+    return {"runs": [run("dense", 0.07, 30.0), run("flops-2", 0.068, 20.0, lambda_flops=2.0),
+                     run("budget", 0.04, 10.0, budget={"metric": "latency", "target": 0.2}),
+                     run("asym", 0.05, 6.0, asymmetric=True, budget={"metric": "latency", "target": 0.2})]}
+
+
+def _pareto() -> dict:
+    def point(trial, ms, ndcg):
+        return {"trial": trial, "measured_ms_median": ms, "val": {"ndcg@10": ndcg}, "test": {"ndcg@10": ndcg * 0.9}}
+    return {"hypervolume": {"lambda_search": 0.4, "posthoc": 0.5, "ratio": 0.8}, "reference_point": [1.0, 1.0],
+            "reference": {"ndcg@10": 0.09, "latency": 37.0},
+            "pareto": [point(0, 35.0, 0.08), point(3, 3.0, 0.02)], "posthoc": [point(1, 20.0, 0.06)]}
+
+
+@pytest.mark.parametrize("notebook, inputs, figure", [
+    ("structure_frontier.ipynb", {"ml100k_lambda.json": _lambda_runs()}, "ml100k_structure_frontier.png"),
+    ("pareto_fronts.ipynb", {"ml100k_pareto.json": _pareto()}, "ml100k_pareto_test.png"),
+])
+def test_notebook_draws_its_figure_from_results(tmp_path, notebook, inputs, figure):
+    (tmp_path / "benchmarks").mkdir()
+    for name, data in inputs.items():
+        (tmp_path / "benchmarks" / name).write_text(json.dumps(data))
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+        env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
+    png = tmp_path / "figures" / figure
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    tables = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "text/html" in o.get("data", {})]
+    assert tables, "the notebook shows its table"
+    first = next(iter(inputs.values()))
+    names = [r["name"] for r in first["runs"]] if "runs" in first else [str(p["trial"]) for p in first["pareto"]]
+    assert all(n in tables[0]["data"]["text/html"] for n in names)
+
+
+def test_notebook_without_its_input_fails(tmp_path):
+    nb = nbformat.read(NOTEBOOKS / "pareto_fronts.ipynb", as_version=4)
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="ml100k_pareto.json"):
+        nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+            env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
