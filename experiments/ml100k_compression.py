@@ -37,19 +37,19 @@ from recsys.tracking.records import write_json
 from recsys.train import load_data, load_run, train
 
 SEEDS = (0, 1, 2)
-STUDENT = ["model.layers=[1,3,5]"]
+STUDENT_LAYERS = "1,3,5"  # MiniLM's layers the 3-layer student starts from
 DISTILL = ["distill.alpha=1.0", "distill.loss=kl", "distill.temperature=1.0"]
 FT = ["compress.gates=[]", "train.examples_per_user=6"]
 
 
-def runs(dense: str, backend: str) -> dict[str, tuple[str, list[str]]]:
+def runs(dense: str, backend: str, student: list[str]) -> dict[str, tuple[str, list[str]]]:
     """name → (config, overrides); `{seed}` is filled in per seed."""
     return {
         "ft-seed{seed}": ("configs/ml100k_lambda.yaml", [f"model.init_from={dense}", *FT]),
         f"qat-{backend}-seed{{seed}}": ("configs/ml100k_lambda.yaml",
                                         [f"model.init_from={dense}", *FT, *int8(backend), "compress.qat=true"]),
-        "student-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}"]),
-        "student-distill-seed{seed}": ("configs/ml100k.yaml", [*STUDENT, "train.seed={seed}",
+        "student-seed{seed}": ("configs/ml100k.yaml", [*student, "train.seed={seed}"]),
+        "student-distill-seed{seed}": ("configs/ml100k.yaml", [*student, "train.seed={seed}",
                                                                f"distill.teacher={dense}", *DISTILL]),
     }
 
@@ -94,9 +94,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--int8-backend", default="onnxruntime", choices=BACKENDS,
                     help="int8 kernels: onnxruntime (any x86) or torchao (VNNI/AMX CPUs, GPUs)")
+    ap.add_argument("--student-layers", default=STUDENT_LAYERS, help="encoder layers the student keeps")
     ap.add_argument("--out", default="results/benchmarks/ml100k_compression.json")
+    ap.add_argument("overrides", nargs="*", help="training overrides for every run (tests: a tiny encoder)")
     args = ap.parse_args(argv)
-    over = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    over = ([f"data.data_dir={args.data_dir}"] if args.data_dir else []) + args.overrides
+    student = [f"model.layers=[{args.student_layers}]"]
     seeds = [int(s) for s in args.seeds.split(",")]
     try:
         cfg = load_config("configs/ml100k.yaml", over)
@@ -107,13 +110,13 @@ def main(argv=None) -> int:
                 raise RecsysError(f"--dense: {d} is not a finished run (run experiments/ml100k_baselines.py)")
         trained: dict[str, dict[int, Path]] = {}
         for s in seeds:
-            for name, (config, o) in runs(str(dense[s]), args.int8_backend).items():
+            for name, (config, o) in runs(str(dense[s]), args.int8_backend, student).items():
                 o = [x.format(seed=s) for x in o]
                 trained.setdefault(name.split("-seed")[0], {})[s] = _train(root, name.format(seed=s), config, over + o)
         s0 = seeds[0]
         stacked = _train(root, f"stacked-{args.int8_backend}-seed{s0}", STACKED[0],
                          over + [f"model.init_from={trained['student-distill'][s0]}", f"distill.teacher={dense[s0]}",
-                                 *STUDENT, *STACKED[1], *int8(args.int8_backend)])
+                                 *student, *STACKED[1], *int8(args.int8_backend)])
         from recsys.models.encoder import load_tokenizer, resolve_model_path
         ds, split = load_data(cfg.data)
         data = (ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data)
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
             row.update({"measured_ms_median": t.p50, "measured_ms_p90": t.p90, "speedup": base / t.p50,
                         "speedup_vs_best_fp32": best_fp32 / t.p50,
                         "ndcg_vs_dense": row["ndcg@10"] / rows[0]["ndcg@10"]})
-        routes = {k[len("dense_"):]: timing[k].as_dict() for k in timing if k.startswith("dense_")}
+        routes = {r: timing[f"dense_{r}"].as_dict() for r in ("fp32", "fp32-compile", "ort-fp32")}  # fp32 routes
         a, b = (np.concatenate(per_user[n]) for n in ("student_nodistill", "student_distill"))
         distill_test = {"pooled_over_seeds": compare(a, b),
                         "per_seed": [compare(x, y) for x, y in zip(per_user["student_nodistill"],
