@@ -84,11 +84,13 @@ def main(argv=None) -> int:
     # left to run has no overhead_fraction and its report time counts as overhead.
     own_minutes = sum(s["wall_minutes"] * (1 - s["overhead_fraction"]) for s in (lam, post)
                       if s.get("overhead_fraction") is not None)
-    timing = {"wall_minutes": wall / 60, "overhead_fraction": max(0.0, 1 - own_minutes / (wall / 60)),
-              "timed_trials": sum(s.get("timed_trials", 0) for s in (lam, post))} if own_minutes else None
-    if timing is None and Path(args.out).is_file():  # nothing left to run: keep the timing of the run that trained
-        timing = {k: json.loads(Path(args.out).read_text()).get(k) for k in ("wall_minutes", "overhead_fraction",
-                                                                              "timed_trials")}
+    timing = {"wall_minutes": wall / 60, "overhead_fraction": None}
+    if own_minutes:
+        timing = {"wall_minutes": wall / 60, "overhead_fraction": max(0.0, 1 - own_minutes / (wall / 60)),
+                  "timed_trials": sum(s.get("timed_trials", 0) for s in (lam, post))}
+    elif Path(args.out).is_file():  # nothing left to run: keep the timing of the run that trained
+        previous = json.loads(Path(args.out).read_text())
+        timing = {k: previous.get(k) for k in ("wall_minutes", "overhead_fraction", "timed_trials")}
     out = {"dataset": "ml-100k", "n_trials": lam["n_trials"], "n_trials_posthoc": post["n_trials"],
            "sampler": cfg.sampler, "objectives": cfg.objectives, "directions": cfg.directions,
            "reference_point": lam["reference_point"], "reference": lam["reference"],
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
                            "ratio": cmp["ratio"] if cmp else None},
            "pareto": pareto, "posthoc": posthoc,
            "excluded": {"lambda_search": lam.get("excluded", []), "posthoc": post.get("excluded", [])},
-           **(timing or {"wall_minutes": wall / 60, "overhead_fraction": None}),
+           **timing,
            "trial_minutes": {"lambda_search": lam.get("trial_minutes"), "posthoc": post.get("trial_minutes")},
            "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
     write_json(Path(args.out), out)

@@ -23,8 +23,8 @@ def test_compression_benchmark_end_to_end(tmp_path, tiny_model):
     cmd = [sys.executable, "experiments/ml100k_compression.py", "--seeds", "0", "--student-layers", "0",
            "--dense", str(tmp_path / "results" / "runs" / "dense-seed{seed}"), "--out", str(out), *args,
            "compress.ffn_group=8"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     names = [r["name"] for r in res["rows"]]
@@ -42,6 +42,5 @@ def test_compression_benchmark_end_to_end(tmp_path, tiny_model):
     runs = tmp_path / "results" / "runs"
     assert (runs / "stacked-onnxruntime-seed0" / "metrics.json").is_file()
     # resumable: a second call reuses every finished run (no "== training" line)
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                           env={**os.environ, "WANDB_MODE": "disabled"})
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0 and "== training" not in again.stdout

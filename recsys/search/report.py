@@ -21,9 +21,8 @@ from recsys.search.sweep import OBJECTIVES, SweepConfig, disturbed, open_study, 
 from recsys.tracking.records import write_json
 
 
-def _reference(cfg: SweepConfig, trials) -> dict[str, float]:
-    """Reference value of every objective (the dense run, measured once; else the study's maximum)."""
-    ref = reference_costs(cfg)
+def _reference(cfg: SweepConfig, ref: dict | None, trials) -> dict[str, float]:
+    """Reference value of every objective (`ref`: the dense run's reference_costs; else the study's maximum)."""
     if ref is not None:
         return {o: float(ref[o]) for o in cfg.objectives}
     return {o: max(float(t.values[i]) for t in trials) or 1.0 for i, o in enumerate(cfg.objectives)}
@@ -96,7 +95,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                      "failed": sum(t.state == TrialState.FAIL for t in trials),
                      "pruned": sum(t.state == TrialState.PRUNED for t in trials)}
     if done:
-        ref = _reference(cfg, done)
+        ref = _reference(cfg, ref_costs, done)
         pareto = pareto_front([t for t in done if t.number not in excluded], cfg.directions)
         points = [normalise(t.values, cfg.objectives, ref) for t in pareto]
         prow = []
