@@ -32,9 +32,24 @@ def _pareto() -> dict:
             "pareto": [point(0, 35.0, 0.08), point(3, 3.0, 0.02)], "posthoc": [point(1, 20.0, 0.06)]}
 
 
+def _compression() -> dict:
+    def row(name, precision, ndcg, ms, seeds=(0, 1, 2)):
+        per_seed = [ndcg * (1 + 0.02 * (s - 1)) for s in seeds]
+        return {"name": name, "precision": precision, "seeds": list(seeds), "ndcg@10": ndcg,
+                "ndcg@10_std": 0.02 * ndcg, "recall@10": 2 * ndcg, "per_seed_ndcg@10": per_seed,
+                "measured_ms_median": ms, "speedup": 30.0 / ms, "speedup_vs_best_fp32": 25.0 / ms,
+                "ndcg_vs_dense": ndcg / 0.08}
+    test = {"diff": 0.003, "ci_low": 0.001, "ci_high": 0.005, "p_ttest": 0.01}
+    return {"best_fp32_ms": 25.0, "hardware": "fixture", "distill_vs_nodistill": {"pooled_over_seeds": test},
+            "rows": [row("dense_fp32", "fp32", 0.08, 30.0), row("qat_int8", "int8", 0.079, 20.0),
+                     row("student_nodistill", "fp32", 0.06, 15.0), row("student_distill", "fp32", 0.063, 15.0),
+                     row("stacked", "int8", 0.05, 5.0, seeds=(0,))]}
+
+
 @pytest.mark.parametrize("notebook, inputs, figure", [
     ("structure_frontier.ipynb", {"ml100k_lambda.json": _lambda_runs()}, "ml100k_structure_frontier.png"),
     ("pareto_fronts.ipynb", {"ml100k_pareto.json": _pareto()}, "ml100k_pareto_test.png"),
+    ("compression.ipynb", {"ml100k_compression.json": _compression()}, "ml100k_compression.png"),
 ])
 def test_notebook_draws_its_figure_from_results(tmp_path, notebook, inputs, figure):
     (tmp_path / "benchmarks").mkdir()
@@ -49,7 +64,8 @@ def test_notebook_draws_its_figure_from_results(tmp_path, notebook, inputs, figu
               if "text/html" in o.get("data", {})]
     assert tables, "the notebook shows its table"
     first = next(iter(inputs.values()))
-    names = [r["name"] for r in first["runs"]] if "runs" in first else [str(p["trial"]) for p in first["pareto"]]
+    names = ([r["name"] for r in first.get("runs", first.get("rows", []))]
+             or [str(p["trial"]) for p in first["pareto"]])
     assert all(n in tables[0]["data"]["text/html"] for n in names)
 
 
