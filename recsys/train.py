@@ -175,7 +175,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
         results = evaluate_module(module, dm, ("val", "test") if test else ("val",), progress)
         val = results["val"]
         val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
-        metrics = {"val": val.metrics, "best_val_ndcg@10": float(ckpt.best_model_score or 0),
+        best_score = ckpt.best_model_score  # None for a gated run (it keeps its final model)
+        metrics = {"val": val.metrics, "best_val_ndcg@10": None if best_score is None else float(best_score),
                    "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
                    "train_examples_per_s": speed.rate, "evaluated_users": int(len(val.users)),
                    "catalog_items": int(split.n_items)}

@@ -39,6 +39,7 @@ def test_penalties_shrink_the_model_and_are_reported(penalised_run):
     kept = sum(len(layer["heads"]) for layer in shape["layers"]), sum(layer["ffn"] for layer in shape["layers"])
     assert kept[0] < 8 or kept[1] < 128 or shape["output_dim"] < 16
     assert 0 <= m["test"]["ndcg@10"] <= 1
+    assert m["best_val_ndcg@10"] is None  # a gated run keeps its final model, not a monitored best
 
 
 def test_budget_mode_reports_its_outcome(penalised_run):
