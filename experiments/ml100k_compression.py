@@ -2,7 +2,7 @@
 the three stacked with structure, on MovieLens-100K.
 
     python experiments/ml100k_baselines.py --data-dir ../shared/datasets      # dense runs, seeds 0-2 (teachers)
-    python experiments/ml100k_compression.py --data-dir ../shared/datasets    # ≈ 3 hours on 2 CPU cores, resumable
+    python experiments/ml100k_compression.py --data-dir ../shared/datasets    # ≈ 2.5 hours on 2 CPU cores, resumable
 
 Runs (a run whose folder holds metrics.json is reused):
 - `ft` / `qat`: one more epoch of 6 examples/user from each dense seed (configs/ml100k_lambda.yaml, no gates),

@@ -83,7 +83,7 @@ class LatencyTables:
         return torch.tensor(getattr(self, name), dtype=torch.float64)
 
 
-TABLES_VERSION = 3  # bump when the table format or the calibration changes: cached tables are rebuilt
+TABLES_VERSION = 4  # bump when the table format or the calibration changes: cached tables are rebuilt
 
 
 def device_key(dtype: str = "float32", n_threads: int | None = None) -> dict:

@@ -8,7 +8,7 @@ tower:
   activations. QAT: torchao's `IntxFakeQuantizeConfig`; served by `Int8DynamicActivationInt8WeightConfig
   (act_mapping_type=ASYMMETRIC)` + `torch.compile` (`quantize_int8`). torchao's own QAT convert target, an
   IntxWeight config, has no fast CPU kernel; its QAT supports asymmetric per-token activations only.
-- onnxruntime (any x86; measured 1.7× faster than fp32 eager on an AVX2 EPYC where torchao's int8 path is 17×
+- onnxruntime (any x86; measured 1.55× faster than fp32 eager on an AVX2 EPYC where torchao's int8 path is 17×
   slower): `quantize_dynamic` with per-channel weights. Its weights are int8 symmetric per output channel in
   7 bits ([-64, 64], `reduce_range`: the u8×s8 AVX2 kernels saturate their int16 sums at full range) and its
   activations uint8 asymmetric per tensor, computed at run time (`DynamicQuantizeLinear`). QAT:
