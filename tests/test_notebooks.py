@@ -46,15 +46,17 @@ def _compression() -> dict:
                      row("stacked", "int8", 0.05, 5.0, seeds=(0,))]}
 
 
-@pytest.mark.parametrize("notebook, inputs, figure", [
-    ("structure_frontier.ipynb", {"ml100k_lambda.json": _lambda_runs()}, "ml100k_structure_frontier.png"),
-    ("pareto_fronts.ipynb", {"ml100k_pareto.json": _pareto()}, "ml100k_pareto_test.png"),
-    ("compression.ipynb", {"ml100k_compression.json": _compression()}, "ml100k_compression.png"),
+@pytest.mark.parametrize("notebook, data_file, data, figure, shown", [
+    ("structure_frontier.ipynb", "ml100k_lambda.json", _lambda_runs(), "ml100k_structure_frontier.png",
+     lambda data: [r["name"] for r in data["runs"]]),
+    ("pareto_fronts.ipynb", "ml100k_pareto.json", _pareto(), "ml100k_pareto_test.png",
+     lambda data: [str(p["trial"]) for p in data["pareto"]]),
+    ("compression.ipynb", "ml100k_compression.json", _compression(), "ml100k_compression.png",
+     lambda data: [r["name"] for r in data["rows"]]),
 ])
-def test_notebook_draws_its_figure_from_results(tmp_path, notebook, inputs, figure):
+def test_notebook_draws_its_figure_from_results(tmp_path, notebook, data_file, data, figure, shown):
     (tmp_path / "benchmarks").mkdir()
-    for name, data in inputs.items():
-        (tmp_path / "benchmarks" / name).write_text(json.dumps(data))
+    (tmp_path / "benchmarks" / data_file).write_text(json.dumps(data))
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
         env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
@@ -63,10 +65,7 @@ def test_notebook_draws_its_figure_from_results(tmp_path, notebook, inputs, figu
     tables = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "text/html" in o.get("data", {})]
     assert tables, "the notebook shows its table"
-    first = next(iter(inputs.values()))
-    names = ([r["name"] for r in first.get("runs", first.get("rows", []))]
-             or [str(p["trial"]) for p in first["pareto"]])
-    assert all(n in tables[0]["data"]["text/html"] for n in names)
+    assert all(n in tables[0]["data"]["text/html"] for n in shown(data))
 
 
 def test_notebook_without_its_input_fails(tmp_path):
