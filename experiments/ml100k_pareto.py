@@ -1,14 +1,19 @@
 """Reproduce results/benchmarks/ml100k_pareto.json and results/figures/ml100k_pareto_front.png: the λ-search
-front against the post-hoc pruning front on MovieLens-100K, same trial budget, same reference.
+front against the post-hoc pruning front on MovieLens-100K, same trials, same training steps per trial, same
+reference.
 
     python experiments/ml100k_baselines.py --data-dir ../shared/datasets   # the dense run both fronts start from
     python experiments/ml100k_pareto.py --data-dir ../shared/datasets      # ≈ 2 hours on 2 CPU cores, resumable
 
-Both studies live in journal files under results/sweeps/; re-running resumes them where they stopped.
+The recipe is the sweep config (default configs/sweeps/ml100k_recipe.yaml; configs/sweeps/ml100k_lambda.yaml
+is the first one). The dense reference is served at the input length (token budget, history items) that scores
+best on validation, chosen here over a grid unless the sweep config sets `reference_overrides`. Both studies
+live in journal files under results/sweeps/; re-running resumes them where they stopped.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -49,9 +54,37 @@ def figure(lam: dict, post: dict, objectives: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def tune_reference(cfg, tokens: list[int], history: list[int]) -> dict:
+    """The dense reference's input length chosen on validation (cached beside the studies)."""
+    from recsys.train import input_length_grid
+
+    cache = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
+    if cache.is_file():
+        grid = json.loads(cache.read_text())
+    else:
+        grid = input_length_grid(cfg.reference_run, tokens, history, "val")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, grid)
+    best = max(grid, key=lambda r: r["ndcg@10"])
+    return {"grid_val": grid, "chosen": {k: best[k] for k in ("user_max_tokens", "history_items", "ndcg@10")}}
+
+
+def training_steps(cfg) -> dict:
+    """Training steps of every finished trial of a study (equal compute: both studies' should match)."""
+    steps = [json.loads(m.read_text())["steps"] for m in sorted((cfg.folder / "runs").glob("*/metrics.json"))]
+    return {"per_trial_mean": sum(steps) / len(steps) if steps else None, "total": sum(steps), "trials": len(steps)}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/sweeps/ml100k_lambda.yaml")
+    ap.add_argument("--config", default="configs/sweeps/ml100k_recipe.yaml")
+    ap.add_argument("--tune-tokens", type=_ints, default=[16, 24, 32, 48, 64, 96, 128],
+                    help="token budgets the dense reference is validated at")
+    ap.add_argument("--tune-history", type=_ints, default=[3, 5, 10], help="history sizes, likewise")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="results/benchmarks/ml100k_pareto.json")
@@ -62,6 +95,13 @@ def main(argv=None) -> int:
     try:
         own = [o for o in args.overrides if "." not in o.partition("=")[0]]
         cfg = load_sweep(args.config, own, training + [o for o in args.overrides if o not in own])
+        reference_input = None
+        if cfg.reference_run and not cfg.reference_overrides:
+            reference_input = tune_reference(cfg, args.tune_tokens, args.tune_history)
+            chosen = reference_input["chosen"]
+            cfg.reference_overrides = [f"data.user_max_tokens={chosen['user_max_tokens']}",
+                                       f"data.history_items={chosen['history_items']}"]
+            print(f"dense reference served at {chosen} (best on validation)", flush=True)
         t0 = time.perf_counter()
         lam = sweep(cfg, workers=args.workers)
         post_cfg = posthoc_config(cfg)
@@ -91,7 +131,13 @@ def main(argv=None) -> int:
     elif Path(args.out).is_file():  # nothing left to run: keep the timing of the run that trained
         previous = json.loads(Path(args.out).read_text())
         timing = {k: previous.get(k) for k in ("wall_minutes", "overhead_fraction", "timed_trials")}
-    out = {"dataset": "ml-100k", "n_trials": lam["n_trials"], "n_trials_posthoc": post["n_trials"],
+    recipe = {"sweep_config": args.config, "study": cfg.study, "overrides": cfg.overrides,
+              "params": {k: dataclasses.asdict(v) for k, v in cfg.params.items()},
+              "structure_driven_by": ("budget target (Lagrangian)" if "compress.budget_target" in cfg.params
+                                      else "raw λ penalties"),
+              "reference_overrides": cfg.reference_overrides, "reference_input": reference_input,
+              "posthoc_params": list(post_cfg.params)}
+    out = {"dataset": "ml-100k", "recipe": recipe, "n_trials": lam["n_trials"], "n_trials_posthoc": post["n_trials"],
            "sampler": cfg.sampler, "objectives": cfg.objectives, "directions": cfg.directions,
            "reference_point": lam["reference_point"], "reference": lam["reference"],
            "normalisation": lam["normalisation"],
@@ -101,6 +147,7 @@ def main(argv=None) -> int:
            "excluded": {"lambda_search": lam.get("excluded", []), "posthoc": post.get("excluded", [])},
            **timing,
            "trial_minutes": {"lambda_search": lam.get("trial_minutes"), "posthoc": post.get("trial_minutes")},
+           "training_steps": {"lambda_search": training_steps(cfg), "posthoc": training_steps(post_cfg)},
            "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
     write_json(Path(args.out), out)
     figure(lam, post, cfg.objectives, Path(args.figure))

@@ -19,6 +19,7 @@ import yaml
 from recsys.errors import RecsysError, read_utf8
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+MIN_TOKENS = 8  # the shortest user text (in tokens) a run may be trained or served at
 
 
 @dataclass
@@ -38,10 +39,12 @@ class DataConfig:
     item_max_tokens: int = 64
 
     def __post_init__(self):
-        _check_positive(self, "history_items", "user_max_tokens", "item_max_tokens", "synthetic_users",
-                        "synthetic_items")
+        _check_positive(self, "history_items", "item_max_tokens", "synthetic_users", "synthetic_items")
+        # a token budget is structure (searched like heads and FFN width); below 8 tokens a title does not fit
+        # (the encoder's own maximum is checked when the tower is built)
+        _check_range(self, "user_max_tokens", MIN_TOKENS, None)
         if self.train_user_max_tokens is not None:
-            _check_positive(self, "train_user_max_tokens")
+            _check_range(self, "train_user_max_tokens", MIN_TOKENS, None)
 
 
 @dataclass
@@ -58,6 +61,9 @@ class ModelConfig:
     dropout: float | None = None  # hidden + attention dropout while training (None = the checkpoint's)
     init_from: str | None = None  # a run folder (or .ckpt) whose tower weights initialise this model's
     layers: list[int] | None = None  # keep only these encoder layers (0-based, e.g. [1, 3, 5]: a 3-layer student)
+    # the item tower is fixed (separate from the user tower, no gates): its catalog embeddings are computed once
+    # per fit and looked up, so a step trains the user tower only — the online cost — at about twice the steps/s
+    freeze_item_tower: bool = False
 
     def __post_init__(self):
         _check_positive(self, "temperature")
@@ -142,6 +148,10 @@ class CompressConfig:
     gates: list[str] = field(default_factory=list)  # any of heads, ffn, blocks, output ([] = no gates)
     ffn_group: int = 1  # FFN neurons per gate
     gate_init: float = 3.0  # initial log α (3.0: every deterministic gate is 1, the model starts dense)
+    # log α starts from the dense model's importance scores (model.init_from; recsys/efficiency/prune.py): per
+    # gate kind, ranked as post-hoc pruning ranks them, spread evenly over gate_init ± importance_spread / 2
+    importance_init: bool = False
+    importance_spread: float = 3.0
     gate_lr: float = 0.05  # learning rate of the gates (constant; the encoder's follows its schedule)
     lambda_params: float = 0.0
     lambda_flops: float = 0.0
@@ -170,6 +180,12 @@ class CompressConfig:
         for k in ("lambda_params", "lambda_flops", "lambda_latency", "item_weight"):
             _check_range(self, k, 0, None)
         _check_positive(self, "prune_batches")
+        _check_range(self, "importance_spread", 0.0, None)
+        if self.importance_init and not self.gates:
+            raise ValueError("importance_init initialises gates: set compress.gates (e.g. [heads, ffn])")
+        if self.importance_init and (self.freeze_gates or self.prune_ratio is not None):
+            raise ValueError("importance_init starts gates that learn; a fixed structure (freeze_gates / "
+                             "prune_ratio) has none")
         if self.prune_ratio is not None:
             if not 0 <= self.prune_ratio < 1:
                 raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
@@ -238,6 +254,11 @@ class RunConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):  # checks across sections
+        if self.compress.importance_init and not self.model.init_from:
+            raise ValueError("compress.importance_init scores the dense model's units: set model.init_from to a "
+                             "finished dense run")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

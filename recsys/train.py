@@ -114,6 +114,38 @@ def _finish(trainer: pl.Trainer, status: str = "success") -> None:
             wandb.finish(exit_code=0 if status == "success" else 1)
 
 
+def check_lengths(cfg: RunConfig, module) -> None:
+    """Token budgets within what the encoders can read (their position embeddings)."""
+    for key, tower in (("user_max_tokens", module.user_tower), ("train_user_max_tokens", module.user_tower),
+                       ("item_max_tokens", module.item_tower)):
+        n, most = getattr(cfg.data, key), tower.encoder.shape.max_positions
+        if n is not None and n > most:
+            raise RecsysError(f"data.{key}: {n} tokens, but the encoder reads at most {most}")
+
+
+def prepare_module(module, dm, cfg: RunConfig) -> None:
+    """What the LightningModule needs from outside, prepared before fitting: a frozen item tower's catalog
+    embeddings, and the dense model's importance scores (post-hoc pruning, or importance-initialised gates)."""
+    from itertools import islice
+
+    from recsys.efficiency.prune import init_gates_by_importance, prune_by_importance
+    from recsys.models.tower import encode_texts
+
+    if cfg.model.freeze_item_tower:
+        module.set_item_cache(encode_texts(module.item_tower, dm.tokenizer, dm.item_texts, cfg.data.item_max_tokens,
+                                           cfg.train.eval_batch_size, desc="encode items", progress=False))
+    c = cfg.compress
+    if c.prune_ratio is None and not c.importance_init:
+        return
+    batches = list(islice(dm.train_dataloader(), c.prune_batches))  # scored on the dense model's training loss
+    if c.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
+        kept = prune_by_importance(module, batches, c.prune_ratio)
+        print(f"pruned by importance: kept {kept}", flush=True)
+    else:
+        scores = init_gates_by_importance(module, batches, c.gate_init, c.importance_spread)
+        print(f"gates initialised by importance: {', '.join(scores)}", flush=True)
+
+
 def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> dict:
     """Fit, select the best checkpoint on validation NDCG@10 (a gated run: its final model), test it (unless
     `test` is False: a sweep tests only its Pareto trials, after the search), and write the run folder.
@@ -129,9 +161,11 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress),
                             distill=asdict(cfg.distill))
+    check_lengths(cfg, module)
     if cfg.model.init_from:
         init_weights(module, cfg.model.init_from)
-    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)
+    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train, tokenize_items=not cfg.model.freeze_item_tower)
+    prepare_module(module, dm, cfg)
     name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     final = Path(cfg.tracking.results_dir) / "runs" / name
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # a DDP worker process: rank 0 alone writes the run
@@ -220,13 +254,16 @@ def load_checkpoint_state(path: Path) -> dict:
         raise RecsysError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
 
 
-def load_run(target: str | Path) -> tuple[RunConfig, "TwoTowerModule"]:  # noqa: F821
-    """A trained run's resolved config and its module with the checkpoint's weights (eval mode, CPU). A
-    distilled run loads without its teacher (the distillation projections are training-only)."""
+def load_run(target: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, "TwoTowerModule"]:  # noqa: F821
+    """A trained run's resolved config (with dotted `overrides`, e.g. another data.user_max_tokens to serve
+    it at) and its module with the checkpoint's weights (eval mode, CPU). A distilled run loads without its
+    teacher (the distillation projections are training-only)."""
+    from recsys.config import load_config
     from recsys.models.two_tower import TwoTowerModule
 
     run_dir, ckpt = _run_paths(target)
-    cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    cfg = (load_config(run_dir / "config.yaml", overrides) if overrides
+           else from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")))
     state = load_checkpoint_state(ckpt)
     module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress))
     state = {k: v for k, v in state.items() if not k.startswith("distiller.")}
@@ -255,17 +292,46 @@ def init_weights(module, source: str | Path) -> None:
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True) -> EvalResult:
-    """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config."""
+def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
+                 overrides: list[str] | None = None) -> EvalResult:
+    """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config (and dotted
+    `overrides`, e.g. data.user_max_tokens=64 to read shorter user texts)."""
     from recsys.models.datamodule import RecDataModule
     from recsys.models.encoder import load_tokenizer, resolve_model_path
 
     if stage not in ("val", "test"):
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
-    cfg, module = load_run(target)
+    cfg, module = load_run(target, overrides)
+    check_lengths(cfg, module)
     ds, split = load_data(cfg.data)
     dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
     return replace(evaluate_module(module, dm, (stage,), progress)[stage], user_ids=ds.user_ids)
+
+
+def input_length_grid(target: str | Path, tokens: list[int], history: list[int], stage: str = "val",
+                      progress: bool = False) -> list[dict]:
+    """A trained run evaluated on `stage` at other input lengths, without retraining: for every history size h
+    and token budget t, user texts of the last h items cut at t tokens (items encoded once). The dense
+    reference's input length is a hyper-parameter like any other: choose it on validation with this."""
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+    from recsys.models.tower import encode_texts
+
+    cfg, module = load_run(target)
+    ds, split = load_data(cfg.data)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
+    bs = cfg.train.eval_batch_size
+    items = encode_texts(module.item_tower, tokenizer, ds.item_texts, cfg.data.item_max_tokens, bs,
+                         desc="encode items", progress=progress)
+    rows = []
+    for h in history:
+        for t in tokens:
+            data = replace(cfg.data, user_max_tokens=t, history_items=h)
+            check_lengths(replace(cfg, data=data), module)
+            scorer = tower_scorers(module.user_tower, module.item_tower, tokenizer, ds.item_texts, split, data,
+                                   (stage,), bs, progress, item_emb=items)[stage]
+            rows.append({"user_max_tokens": t, "history_items": h,
+                         **evaluate(scorer, split, stage, bs, progress=progress).metrics})
+    return rows
 
 
 def read_per_user(path: str | Path, metric: str) -> dict[str, float]:

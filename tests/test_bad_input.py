@@ -163,10 +163,22 @@ def test_bad_override(capsys, results, override, needles):
     (["compress.gates=[ffn]", "compress.ffn_group=0"], ["compress.ffn_group", "> 0"]),
     (["compress.gates=[heads]", "compress.recovery=1.0"], ["compress.recovery must be in [0, 1)"]),
     (["compress.recovery=0.3"], ["compress", "recovery fixes a learned structure"]),
+    (["compress.gates=[heads]", "compress.importance_init=true"],
+     ["compress.importance_init", "set model.init_from to a finished dense run"]),
+    (["compress.importance_init=true"], ["compress", "importance_init initialises gates"]),
+    (["data.user_max_tokens=4"], ["data.user_max_tokens must be in [8, inf]", "4"]),
+    (["data.train_user_max_tokens=7"], ["data.train_user_max_tokens must be in [8, inf]", "7"]),
+    (["data.history_items=0"], ["data.history_items must be > 0", "0"]),
 ])
 def test_bad_compress_config(capsys, results, overrides, needles):
     assert_contains(fails(capsys, "train", f"tracking.results_dir={results}", *overrides), *needles)
     assert files_under(results) == []
+
+
+def test_token_budget_above_the_encoders_maximum(capsys, small_synthetic_args, tmp_path):
+    line = fails(capsys, "train", *small_synthetic_args, "data.user_max_tokens=600")
+    assert_contains(line, "data.user_max_tokens", "600 tokens", "the encoder reads at most 512")
+    assert files_under(tmp_path / "results") == []
 
 
 def test_gate_group_must_divide_the_ffn(capsys, small_synthetic_args, tmp_path):

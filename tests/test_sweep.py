@@ -101,7 +101,8 @@ def test_failing_trials_are_isolated(tmp_path, tiny_model):
     trials = read_csv(folder / "trials.csv")
     assert [t["state"] for t in trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     assert "diverged" in trials[0]["fail_reason"] and "nan" in trials[0]["fail_reason"].lower()
-    assert trials[1]["fail_reason"].startswith("IndexError")  # inputs longer than the position table
+    # inputs longer than the position table: refused before training, with the reason
+    assert trials[1]["fail_reason"].startswith("RecsysError: data.user_max_tokens: 100000 tokens")
 
 
 def _sweep_cmd(cfg: Path, *extra: str) -> list[str]:

@@ -4,30 +4,37 @@ Score every attention head and FFN neuron group by the gradient of the training 
 it (Michel, Levy & Neubig 2019, "Are Sixteen Heads Really Better than One?"; Molchanov et al. 2019):
 importance = Σ over batches |∂L/∂m| at m = 1. Close the least important `ratio` of heads and of FFN groups
 (ranked globally across layers; at least one of each kept), then freeze that structure for recovery
-fine-tuning. In training this is `compress.prune_ratio` (applied at the start of fitting, from the run given as
-`model.init_from`).
+fine-tuning. In training this is `compress.prune_ratio` (applied before fitting by the train recipe, to the run
+given as `model.init_from`).
+
+The same scores start learnable gates (`compress.importance_init`, after Kwon et al. 2022, "A Fast Post-Training
+Pruning Framework for Transformers", which ranks by Fisher/gradient importance): every gated kind — heads, FFN
+groups, whole sublayers, output dims — is scored with a mask of its own, and each gate's log α is placed by its
+unit's rank within its kind, evenly over [init − spread/2, init + spread/2]. At step 0 the gates then order the
+units as post-hoc pruning would, while the penalty or budget decides how many to remove: the gradient of the
+open probability σ(log α + 1.6) is largest for the lowest log α, so the least important units close first.
 """
 from __future__ import annotations
 
 import torch
 
 
-def importance_scores(module, batches) -> dict[str, torch.Tensor]:
-    """|∂ task loss / ∂ mask| summed over `batches`: heads [n_layers, n_heads], ffn [n_layers, groups]."""
+GATE_NAMES = ("heads", "ffn", "attn_block", "ffn_block", "output")
+
+
+def importance_scores(module, batches, kinds: tuple[str, ...] = ("heads", "ffn")) -> dict[str, torch.Tensor]:
+    """|∂ task loss / ∂ mask| summed over `batches` for the user tower's gated `kinds` among heads
+    [n_layers, n_heads], ffn [n_layers, groups], attn_block / ffn_block [n_layers], output [d]."""
     gates = module.user_tower.gates
-    base = gates.base
-    z = {}
-    if gates.heads is not None:
-        z["heads"] = torch.ones(base.n_layers, base.n_heads_dense, requires_grad=True)
-    if gates.ffn is not None:
-        z["ffn"] = torch.ones(base.n_layers, base.ffn_dense // gates.ffn_group, requires_grad=True)
+    z = {k: torch.ones_like(getattr(gates, k).log_alpha, requires_grad=True)
+         for k in kinds if getattr(gates, k) is not None}
     scores = {k: torch.zeros_like(v) for k, v in z.items()}
     was = module.training
     module.eval()  # no dropout: the scores measure the structure, not the noise
     for batch in batches:
         values = {k: (v.repeat_interleave(gates.ffn_group, dim=-1) if k == "ffn" else v) for k, v in z.items()}
         u = module.user_tower(**batch["user"], gates=values)
-        i = module.item_tower(**batch["item"], gates=values)
+        i = module.item_embeddings(batch, gates=values)
         loss = module.loss(u, i, module.temperature, batch["false_negatives"], batch.get("log_q"))
         grads = torch.autograd.grad(loss, list(z.values()))
         for k, g in zip(z, grads, strict=True):
@@ -54,3 +61,25 @@ def prune_by_importance(module, batches, ratio: float) -> dict[str, int]:
             tower.gates.set_mask(masks)
             tower.gates.freeze()
     return {k: int(m.sum()) for k, m in masks.items()}
+
+
+def rank_log_alpha(scores: torch.Tensor, init: float, spread: float) -> torch.Tensor:
+    """log α of one gate kind from its units' scores: the least important unit at init − spread/2, the most
+    important at init + spread/2, evenly by rank (ties by position), so only the order carries over."""
+    n = scores.numel()
+    rank = torch.empty(n)
+    rank[torch.argsort(scores.flatten(), stable=True)] = torch.arange(n, dtype=torch.float32)
+    frac = rank / max(1, n - 1)  # 0 = least important, 1 = most
+    return (init - spread / 2 + spread * frac).view_as(scores)
+
+
+@torch.no_grad()
+def init_gates_by_importance(module, batches, init: float, spread: float) -> dict[str, torch.Tensor]:
+    """Score every gated kind of the user tower on `batches` and set its gates' log α by rank (the shared
+    tower's gates are the user tower's; a separate item tower's gates keep `init`). Returns the scores."""
+    gates = module.user_tower.gates
+    with torch.enable_grad():
+        scores = importance_scores(module, batches, GATE_NAMES)
+    for kind, s in scores.items():
+        getattr(gates, kind).log_alpha.copy_(rank_log_alpha(s, init, spread))
+    return scores

@@ -19,10 +19,12 @@ from recsys.models.tower import tokenize
 
 
 class RecDataModule(pl.LightningDataModule):
-    def __init__(self, dataset: RecDataset, split: Split, tokenizer, data: DataConfig, train: TrainConfig):
+    def __init__(self, dataset: RecDataset, split: Split, tokenizer, data: DataConfig, train: TrainConfig,
+                 tokenize_items: bool = True):
         super().__init__()
         self.dataset, self.split, self.tokenizer = dataset, split, tokenizer
         self.data_cfg, self.train_cfg = data, train
+        self.tokenize_items = tokenize_items  # False: the model looks its (frozen) item embeddings up by id
         self.item_texts = dataset.item_texts
         self.train_sets = [set(s.tolist()) for s in split.train]
         targets = np.concatenate([s[1:] for s in split.train] + [np.zeros(0, dtype=np.int64)])
@@ -63,7 +65,8 @@ class RecDataModule(pl.LightningDataModule):
         max_user = self.data_cfg.train_user_max_tokens or self.data_cfg.user_max_tokens
         return {
             "user": tokenize(self.tokenizer, utexts, max_user),
-            "item": tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens),
+            "item": (tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens)
+                     if self.tokenize_items else None),
             "items": torch.tensor(items),  # [B + M] item ids (a teacher's cached item embeddings are looked up)
             "false_negatives": fn,
             "log_q": self.log_q[items] if self.train_cfg.logq_correction else None,

@@ -64,10 +64,16 @@ class TwoTowerModule(pl.LightningModule):
         self.compress_cfg: CompressConfig = from_dict(CompressConfig, compress or {}, "compress")
         self.distill_cfg: DistillConfig = from_dict(DistillConfig, distill or {}, "distill")
         c = self.compress_cfg
-        self.user_tower = build_tower(self.model_cfg.encoder, self.model_cfg, c)
-        self.separate = self.model_cfg.item_encoder is not None or not self.model_cfg.shared_towers
-        self.item_tower = (build_tower(self.model_cfg.item_encoder or self.model_cfg.encoder, self.model_cfg, c)
+        m = self.model_cfg
+        self.user_tower = build_tower(m.encoder, m, c)
+        self.separate = m.item_encoder is not None or not m.shared_towers or m.freeze_item_tower
+        self.item_tower = (build_tower(m.item_encoder or m.encoder, m, None if m.freeze_item_tower else c)
                            if self.separate else self.user_tower)
+        if m.freeze_item_tower:  # fixed catalog embeddings: trained neither by the task nor by penalties
+            self.item_tower.requires_grad_(False)
+        # [n_items, d] embeddings of a frozen item tower's catalog, handed in by the recipe (not saved: the
+        # frozen tower's weights are, and reproduce them)
+        self.item_cache: torch.Tensor | None = None
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
         self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
         if c.qat:  # before any optimizer and before loading a QAT checkpoint: the parameters are kept
@@ -106,7 +112,7 @@ class TwoTowerModule(pl.LightningModule):
         hidden = self.distiller is not None and self.distiller.hidden is not None
         with capture_hidden(self.user_tower.encoder) if hidden else nullcontext() as student_hidden:
             u = self.user_tower(**batch["user"])  # [B, d]
-        i = self.item_tower(**batch["item"])  # [B + M, d]
+        i = self.item_embeddings(batch)  # [B + M, d]
         task = self.loss(u, i, self.temperature, batch["false_negatives"], batch.get("log_q"))
         terms = {"train/task_loss": task, "train/temperature": self.temperature}
         loss = task
@@ -122,6 +128,21 @@ class TwoTowerModule(pl.LightningModule):
         self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=u.shape[0])
         return loss
 
+    def item_embeddings(self, batch: dict, gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """[B + M, d] embeddings of a batch's items: looked up in a frozen item tower's cached catalog, else
+        encoded. `gates` (importance scoring) reaches the item side only where the towers share gates."""
+        if self.item_cache is not None:
+            return self.item_cache[batch["items"].to(self.item_cache.device)]
+        if gates is not None and self.separate:
+            gates = None
+        return self.item_tower(**batch["item"], gates=gates)
+
+    def set_item_cache(self, item_emb: torch.Tensor) -> None:
+        """Hand in the frozen item tower's catalog embeddings [n_items, d] (computed once by the recipe)."""
+        if not self.model_cfg.freeze_item_tower:
+            raise RecsysError("item embeddings are cached only for a frozen item tower (model.freeze_item_tower)")
+        self.item_cache = item_emb
+
     # --- learnable structure: gates, penalties, budget ------------------------------------------------------
     @property
     def gated(self) -> bool:
@@ -131,16 +152,6 @@ class TwoTowerModule(pl.LightningModule):
         if self.distiller is not None:
             dm = self.trainer.datamodule
             self.distiller.cache_items(dm.item_texts, dm.tokenizer, dm.data_cfg.item_max_tokens, self.device)
-        if self.compress_cfg.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
-            from itertools import islice
-
-            from recsys.efficiency.prune import prune_by_importance
-
-            loader = self.trainer.datamodule.train_dataloader()
-            batches = (self.transfer_batch_to_device(b, self.device, 0)
-                       for b in islice(loader, self.compress_cfg.prune_batches))
-            kept = prune_by_importance(self, batches, self.compress_cfg.prune_ratio)
-            print(f"pruned by importance: kept {kept}", flush=True)
         if not (self.gated and (self.penalty.active or self.budget is not None)):
             return
         from recsys.efficiency.predictor import load_or_build
@@ -208,16 +219,17 @@ class TwoTowerModule(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
-        decay, no_decay, gates, multipliers = [], [], [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if ".gates." in name:
-                gates.append(p)
-            elif name.startswith("budget."):
-                multipliers.append(p)
-            else:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        # parameter groups by module: the gates' log α, the budget multipliers, then weights with and without decay
+        gate_modules = [t.gates for t in (self.user_tower, self.item_tower) if t.gates is not None]
+        gates = list({id(p): p for g in gate_modules for p in g.parameters() if p.requires_grad}.values())
+        multipliers = [p for p in (self.budget.parameters() if self.budget is not None else []) if p.requires_grad]
+        special = {id(p) for p in gates + multipliers}
+        decay, no_decay = [], []
+        for module in self.modules():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in special:  # biases and LayerNorm weights: no decay
+                    (no_decay if p.ndim < 2 else decay).append(p)
+                    special.add(id(p))
         c = self.compress_cfg
         groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0},
@@ -237,6 +249,9 @@ class TwoTowerModule(pl.LightningModule):
     # --- validation: full ranking, same code path as `recsys evaluate` ----------------------------------
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule
+        if self.item_cache is not None:
+            self._item_emb = self.item_cache
+            return
         self._item_emb = encode_texts(self.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens,
                                       self.train_cfg.eval_batch_size, desc="encode items",
                                       progress=False).to(self.device)

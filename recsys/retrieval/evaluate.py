@@ -46,14 +46,17 @@ def embedding_scorer(user_emb: torch.Tensor, users: np.ndarray, n_users: int, it
 
 
 def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], split: Split, data_cfg,
-                  stages=("val", "test"), batch_size: int = 128, progress: bool = True) -> dict[str, Scorer]:
-    """{stage: scorer} of a two-tower: item texts encoded once for all stages, each stage's user texts (the
-    history up to its target) encoded once — the same texts for the trained model and the zero-shot encoder."""
+                  stages=("val", "test"), batch_size: int = 128, progress: bool = True,
+                  item_emb: torch.Tensor | None = None) -> dict[str, Scorer]:
+    """{stage: scorer} of a two-tower: item texts encoded once for all stages (or `item_emb` [N, d] given),
+    each stage's user texts (the history up to its target) encoded once — the same texts for the trained model
+    and the zero-shot encoder."""
     from recsys.data.text import user_text
     from recsys.models.tower import encode_texts
 
-    items = encode_texts(item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size,
-                         desc="encode items", progress=progress)
+    items = item_emb if item_emb is not None else encode_texts(
+        item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size, desc="encode items",
+        progress=progress)
     users = split.eval_users
     scorers = {}
     for stage in stages:

@@ -13,8 +13,11 @@ def posthoc_config(cfg: SweepConfig, low: float = 0.1, high: float = 0.9) -> Swe
     parameter (the pruning ratio), penalties and budgets switched off, its own study."""
     from dataclasses import replace
 
-    fixed = [o for o in cfg.overrides if not o.startswith(("compress.lambda_", "compress.budget_"))]
+    fixed = [o for o in cfg.overrides
+             if not o.startswith(("compress.lambda_", "compress.budget_", "compress.importance_"))]
     fixed += ["compress.gates=[heads,ffn]", "compress.lambda_params=0", "compress.lambda_flops=0",
               "compress.lambda_latency=0"]
+    # the input knobs (data.*: token budget, history items) are searched by both studies alike
+    inputs = {k: v for k, v in cfg.params.items() if k.startswith("data.")}
     return replace(cfg, study=f"{cfg.study}-posthoc", overrides=fixed, sampler="random",
-                   params={"compress.prune_ratio": ParamSpec(type="float", low=low, high=high)})
+                   params={"compress.prune_ratio": ParamSpec(type="float", low=low, high=high), **inputs})

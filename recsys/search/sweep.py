@@ -80,6 +80,10 @@ class ParamSpec:
             return self.applied(trial.suggest_float(name, self.low / 10, self.high, log=True))
         return trial.suggest_float(name, self.low, self.high, log=self.log)
 
+    def probe(self) -> Any:
+        """One value this dimension can take (to validate its config path before any trial runs)."""
+        return self.choices[0] if self.type == "categorical" else int(self.low) if self.type == "int" else self.low
+
     def applied(self, x: Any) -> Any:
         """The value a trial trains with, given what the sampler drew (below `low` on a zero range: 0)."""
         return 0.0 if self.zero and x < self.low else x
@@ -101,6 +105,9 @@ class SweepConfig:
     reference_run: str | None = None  # dense run: normalises objectives for the hypervolume
     results_dir: str = "results"
     seq_len: int | None = None  # latency objective's user-text length (default: data.user_max_tokens)
+    # data overrides the reference run is evaluated (validation) and measured under, e.g. its input length chosen
+    # on validation: ["data.user_max_tokens=64", "data.history_items=10"]
+    reference_overrides: list[str] = field(default_factory=list)
     max_failed: int | None = None  # stop after this many failed trials (default: n_trials)
     heartbeat_interval: int = 30  # RDB storage: seconds between a running trial's heartbeats
     grace_period: int = 120  # RDB storage: a trial without a heartbeat for this long is stale (retried)
@@ -159,12 +166,15 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None,
     base = Path(cfg.base_config)
     if not base.is_file():
         raise RecsysError(f"{path}: base_config {base} not found")
-    for name, spec in cfg.params.items():  # every path must be a valid config field with a valid value
-        probe = spec.choices[0] if spec.type == "categorical" else (spec.low if spec.type != "int" else int(spec.low))
+    probes = {name: f"{name}={spec.probe()}" for name, spec in cfg.params.items()}
+    for name, probe in probes.items():  # every path must be a valid config field with a valid value
         try:
-            load_config(str(base), [*cfg.overrides, f"{name}={probe}"])
+            load_config(str(base), [*cfg.overrides, probe])
         except RecsysError as e:
-            raise RecsysError(f"{path}: params.{name}: {e}") from None
+            try:  # valid only beside the other dimensions (e.g. a searched budget target next to its metric)
+                load_config(str(base), [*cfg.overrides, *probes.values()])
+            except RecsysError:
+                raise RecsysError(f"{path}: params.{name}: {e}") from None
     return cfg
 
 
@@ -270,16 +280,18 @@ def reap_stale(study) -> int:
 
 # --- one trial --------------------------------------------------------------------------------------------------
 
-def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], object], dict]:
+def online_request(run_dir: str | Path, seq_len: int | None,
+             overrides: list[str] | None = None) -> tuple[Callable[[], object], dict]:
     """One online request of a run (its materialized user tower served at `compress.precision`, batch 1, then
-    exact retrieval over its catalog) and the compact shape's parameters and online FLOPs."""
+    exact retrieval over its catalog) and the compact shape's parameters and online FLOPs. `overrides` change
+    how the run is served (e.g. its data.user_max_tokens), not its weights."""
     from recsys.efficiency.cost import online_cost
     from recsys.efficiency.latency import request_calls
     from recsys.efficiency.materialize import materialize
     from recsys.efficiency.quantize import route_for
     from recsys.train import load_run
 
-    run_cfg, module = load_run(run_dir)
+    run_cfg, module = load_run(run_dir, overrides)
     seq = seq_len or run_cfg.data.user_max_tokens
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
@@ -289,17 +301,18 @@ def _request(run_dir: str | Path, seq_len: int | None) -> tuple[Callable[[], obj
     return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items}
 
 
-def measure_online(run_dir: str | Path, seq_len: int | None = None,
-                   reference: str | Path | None = None) -> dict[str, float]:
+def measure_online(run_dir: str | Path, seq_len: int | None = None, reference: str | Path | None = None,
+                   overrides: list[str] | None = None,
+                   reference_overrides: list[str] | None = None) -> dict[str, float]:
     """Cost objectives of a run: measured online latency (median and p90 ms, under the measurement lock),
     parameters and online FLOPs of its compact shape. With a `reference` run the two requests are measured
     interleaved (A, B, A, B …) and `latency_ratio` = run / reference is free of this machine's drift."""
     from recsys.efficiency.latency import exclusive, interleaved, measure, threads
 
-    call, costs = _request(run_dir, seq_len)
+    call, costs = online_request(run_dir, seq_len, overrides)
     calls = {"run": call}
     if reference is not None:
-        calls["reference"] = _request(reference, seq_len)[0]
+        calls["reference"] = online_request(reference, seq_len, reference_overrides)[0]
     with threads(None), exclusive():
         timing = interleaved(calls, rounds=10, per_round=3) if reference else {"run": measure(call, min_seconds=1.0)}
     out = {"latency": timing["run"].p50, "latency_p90": timing["run"].p90, **costs}
@@ -325,11 +338,21 @@ def reference_costs(cfg: SweepConfig) -> dict | None:
     (`reference-<run>.json`, shared by a λ study and its post-hoc twin); None without a reference run."""
     if not cfg.reference_run:
         return None
-    cache = cfg.folder.parent / f"reference-{Path(cfg.reference_run).name}.json"
+    tag = ""
+    if cfg.reference_overrides:  # served differently from its config: its own cache, validation evaluated again
+        import hashlib
+        tag = "-" + hashlib.sha1("\n".join(cfg.reference_overrides).encode()).hexdigest()[:8]
+    cache = cfg.folder.parent / f"reference-{Path(cfg.reference_run).name}{tag}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    metrics = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())
-    ref = {**metrics["val"], **measure_online(cfg.reference_run, cfg.seq_len), "run": cfg.reference_run}
+    if cfg.reference_overrides:
+        from recsys.train import evaluate_run
+        val = evaluate_run(cfg.reference_run, "val", progress=False, overrides=cfg.reference_overrides).metrics
+    else:
+        val = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())["val"]
+    ref = {**val, **measure_online(cfg.reference_run, cfg.seq_len, overrides=cfg.reference_overrides),
+           "run": cfg.reference_run, "overrides": cfg.reference_overrides}
+    cache.parent.mkdir(parents=True, exist_ok=True)
     write_json(cache, ref)
     return ref
 
@@ -385,7 +408,8 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
     if set(cfg.objectives) & {"latency", "params", "flops"}:
         ref = reference_costs(cfg)
         for _ in range(3):
-            costs = measure_online(out["run_dir"], cfg.seq_len, reference=ref["run"] if ref else None)
+            costs = measure_online(out["run_dir"], cfg.seq_len, reference=ref["run"] if ref else None,
+                                   reference_overrides=cfg.reference_overrides)
             why = disturbed(costs, ref, cfg.max_reference_drift)
             if why is None:
                 break
