@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-
 GATE_NAMES = ("heads", "ffn", "attn_block", "ffn_block", "output")
 
 
