@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,notebooks,faiss,export,quant
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,18 @@ demo: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/recsys baselines --config configs/synthetic.yaml
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/recsys train --config configs/synthetic.yaml
 
+# everything, end-to-end benchmark tests (marked slow) included: what .ci/run runs
 test: setup
 	WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# day-to-day: the suite without the slow end-to-end benchmark tests
+test-fast: setup
+	WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff, and import-linter's contracts in setup.cfg (the layers of recsys, no import cycles)
 lint: setup
 	$(BIN)/ruff check --line-length 120 --select E,F,W,I,B recsys tests experiments
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from recsys.config import load_config
+from recsys.data.registry import dataset_slug
 from recsys.errors import RecsysError
-from recsys.retrieval.baselines import run_baselines
+from recsys.recipes.baselines import run_baselines
+from recsys.recipes.train import train
+from recsys.retrieval.metrics import METRIC_COLUMNS
 from recsys.tracking.records import environment_record, write_json
-from recsys.train import METRIC_COLUMNS, dataset_slug, train
 
 METRICS = ["ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr@10"]
 

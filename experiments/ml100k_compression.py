@@ -27,14 +27,18 @@ import numpy as np
 import torch
 
 from recsys.config import load_config
-from recsys.efficiency.latency import environment, exclusive, interleaved, request_calls, threads
-from recsys.efficiency.materialize import materialize
-from recsys.efficiency.quantize import BACKENDS, route_for, simulate_int8
+from recsys.data.registry import load_data
+from recsys.efficiency.latency import environment, exclusive, interleaved, threads
 from recsys.errors import RecsysError
-from recsys.retrieval.evaluate import evaluate, tower_scorers
+from recsys.models.tower import tower_scorers
+from recsys.recipes.train import train
+from recsys.retrieval.evaluate import evaluate
 from recsys.retrieval.metrics import compare
+from recsys.runs import load_run
+from recsys.serving.materialize import materialize
+from recsys.serving.quantize import BACKENDS, route_for, simulate_int8
+from recsys.serving.routes import request_calls
 from recsys.tracking.records import write_json
-from recsys.train import load_data, load_run, train
 
 SEEDS = (0, 1, 2)
 STUDENT_LAYERS = "1,3,5"  # MiniLM's layers the 3-layer student starts from

@@ -22,7 +22,8 @@ from pathlib import Path
 from recsys.errors import RecsysError
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import compare_fronts
-from recsys.search.sweep import load_sweep, sweep
+from recsys.search.study import load_sweep
+from recsys.search.sweep import sweep
 from recsys.tracking.records import environment_record, write_json
 
 
@@ -56,7 +57,7 @@ def figure(lam: dict, post: dict, objectives: list[str], out: Path) -> None:
 
 def tune_reference(cfg, tokens: list[int], history: list[int]) -> dict:
     """The dense reference's input length chosen on validation (cached beside the studies)."""
-    from recsys.train import input_length_grid
+    from recsys.recipes.evaluate import input_length_grid
 
     cache = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
     if cache.is_file():

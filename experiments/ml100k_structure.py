@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import time_requests, train_or_reuse, write_benchmark
 
 from recsys.config import load_config
 from recsys.errors import RecsysError
-from recsys.search.sweep import disturbed, load_sweep, online_request, open_study, reference_costs
-from recsys.tracking.records import environment_record, write_json
-from recsys.train import train
+from recsys.search.objectives import disturbed, reference_costs
+from recsys.search.study import load_sweep, open_study
 
 STRUCTURE = ("compress.gates=", "compress.budget_", "compress.importance_", "compress.lambda_", "compress.recovery")
 
@@ -44,14 +44,6 @@ def choose(cfg, ref: dict, share: float) -> dict:
     best = min(good, key=lambda t: t.values[i_lat])
     return {"trial": best.number, "overrides": best.user_attrs["overrides"], "val_ndcg@10": best.values[i_acc],
             "val_latency_ms": best.values[i_lat], "candidates": len(good), "completed": len(ok)}
-
-
-def fit(cfg, name: str, overrides: list[str]) -> Path:
-    """Train (or reuse) results/runs/<name> from the sweep's base config."""
-    run = Path("results/runs") / name
-    if not (run / "metrics.json").is_file():
-        train(load_config(cfg.base_config, [*overrides, f"tracking.run_name={name}", "tracking.progress_bar=false"]))
-    return run
 
 
 def main(argv=None) -> int:
@@ -80,17 +72,13 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         runs = []
         for s in seeds:
-            runs.append(("best", s, fit(cfg, f"structure-best-seed{s}",
-                                        [*cfg.overrides, *pick["overrides"], *data, f"train.seed={s}"])))
-            runs.append(("dense", s, fit(cfg, f"structure-dense-seed{s}",
-                                         [*dense_over, *cfg.reference_overrides, *data, f"train.seed={s}"])))
-        from recsys.efficiency.latency import exclusive, interleaved, threads
-
-        calls, costs = {}, {}
-        for kind, s, run in runs:
-            calls[f"{kind}-{s}"], costs[f"{kind}-{s}"] = online_request(run, None)
-        with threads(None), exclusive():
-            timing = interleaved(calls, rounds=20, per_round=3)
+            runs.append(("best", s, train_or_reuse(cfg.base_config, [*cfg.overrides, *pick["overrides"], *data,
+                                                                     f"train.seed={s}"], f"structure-best-seed{s}",
+                                                    cfg.results_dir)))
+            runs.append(("dense", s, train_or_reuse(cfg.base_config, [*dense_over, *cfg.reference_overrides, *data,
+                                                                      f"train.seed={s}"], f"structure-dense-seed{s}",
+                                                    cfg.results_dir)))
+        timing, costs = time_requests({f"{kind}-{s}": (run, None) for kind, s, run in runs}, rounds=20, per_round=3)
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -111,7 +99,6 @@ def main(argv=None) -> int:
 
     dense_ms, best_ms = mean("dense", "ms"), mean("best", "ms")
     best_rows = [r for r in rows if r["kind"] == "best"]
-    env = environment_record()
     out = {"dataset": "ml-100k", "selection": {**pick, "share_of_dense_val": args.share,
                                                "dense_val_ndcg@10": ref["ndcg@10"], "stage": "val"},
            "dense": {"ndcg@10": mean("dense", "ndcg@10"), "recall@10": mean("dense", "recall@10"),
@@ -122,9 +109,8 @@ def main(argv=None) -> int:
                     "measured_ms_median": best_ms, "speedup": dense_ms / best_ms, "n_seeds": len(seeds),
                     "shape": [r["shape"] for r in best_rows], "user_max_tokens": best_rows[0]["user_max_tokens"],
                     "history_items": best_rows[0]["history_items"]},
-           "runs": rows, "precision": "fp32", "latency": "user tower batch 1 + exact retrieval, interleaved",
-           "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
-    write_json(Path(args.out), out)
+           "runs": rows, "precision": "fp32", "latency": "user tower batch 1 + exact retrieval, interleaved"}
+    write_benchmark(args.out, out)
     b = out["best"]
     print(f"best: NDCG@10 {b['ndcg@10']:.4f} ({b['share_of_dense']:.1%} of dense), {b['speedup']:.2f}× → {args.out}")
     return 0

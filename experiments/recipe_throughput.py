@@ -1,5 +1,5 @@
 """Training steps per CPU-minute of a gated trial, before and after the recipe's speed-ups, through the real
-training step (`recsys.train.train`, Lightning; the Throughput callback times optimisation steps only).
+training step (`recsys.recipes.train.train`, Lightning; the Throughput callback times optimisation steps only).
 
     python experiments/recipe_throughput.py --data-dir ../shared/datasets
 
@@ -20,8 +20,8 @@ import numpy as np
 
 from recsys.config import load_config
 from recsys.errors import RecsysError
+from recsys.recipes.train import train
 from recsys.tracking.records import environment_record, write_json
-from recsys.train import train
 
 DENSE = "results/runs/ml-100k-bench-seed0"
 COMMON = ["compress.budget_metric=latency", "compress.budget_target=0.5", "compress.importance_init=true",

@@ -3,7 +3,7 @@
 
     python experiments/serving_routes.py            # ≈ 5 minutes on 2 CPU cores (compiling included)
 
-Routes (recsys/efficiency/quantize.py): fp32 eager, fp32 torch.compile (freezing), bf16 + compile, torchao int8
+Routes (recsys/serving/quantize.py): fp32 eager, fp32 torch.compile (freezing), bf16 + compile, torchao int8
 (per-channel weights, per-token dynamic activations) + compile, ONNX Runtime fp32 and int8 (quantize_dynamic).
 The cosine (over 8 inputs of random token ids) is a numerical check of each route; the accuracy that matters,
 NDCG@10, is measured by experiments/ml100k_compression.py.
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from recsys.efficiency.latency import environment, exclusive, interleaved, threads, tower_inputs
-from recsys.efficiency.quantize import ROUTES, serve
 from recsys.models.encoder import BertEncoder
 from recsys.models.tower import Tower
+from recsys.serving.quantize import ROUTES, serve
 from recsys.tracking.records import write_json
 
 

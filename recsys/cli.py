@@ -6,14 +6,19 @@
     recsys evaluate RUN [--stage test] [--compare X]     re-evaluate a run; paired test against another run
 
 User errors (config, data, paths, options) end with one line on stderr and exit code 2, without a traceback.
+Each verb imports its recipe when it runs (torch, Lightning and transformers take seconds to import), so
+`recsys --help` and `recsys data` start at once; known third-party noise is silenced unless `--verbose`.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
+from recsys.config import Int8Backend, ServingPrecision, choices
 from recsys.errors import RecsysError
+from recsys.tracking.quiet import quiet_third_party
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,8 +56,8 @@ def cmd_data(args) -> None:
 
 def cmd_baselines(args) -> None:
     cfg = _config(args)  # validate before the heavy imports
-    from recsys.retrieval.baselines import run_baselines
-    from recsys.train import results_table
+    from recsys.recipes.baselines import run_baselines
+    from recsys.recipes.evaluate import results_table
     models = tuple(m.strip() for m in args.models.split(",")) if args.models else None
     out = run_baselines(cfg, **({"models": models} if models else {}), progress=cfg.tracking.progress_bar)
     print(f"\n{cfg.data.name} — test split, full ranking\n")
@@ -61,7 +66,8 @@ def cmd_baselines(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = _config(args)  # validate before the heavy imports
-    from recsys.train import baseline_rows, results_table, train
+    from recsys.recipes.evaluate import baseline_rows, results_table
+    from recsys.recipes.train import train
     out = train(cfg)
     if not out:  # non-zero ranks of a multi-process run
         return
@@ -72,8 +78,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from recsys.recipes.evaluate import evaluate_run, results_table
     from recsys.retrieval.metrics import compare
-    from recsys.train import evaluate_run, read_per_user, results_table
+    from recsys.runs import read_per_user
     res = evaluate_run(args.run, args.stage, progress=True)
     print(results_table([{"model": str(args.run), **res.metrics}]))
     if args.compare:
@@ -91,7 +98,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from recsys.efficiency.export import export_run
+    from recsys.recipes.export import export_run
     out = export_run(args.run, args.format, args.output)
     for name, t in out["towers"].items():
         params = t["params"] / 1e6
@@ -100,7 +107,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from recsys.search.sweep import load_sweep, split_overrides, sweep
+    from recsys.search.study import load_sweep, split_overrides
+    from recsys.search.sweep import sweep
     own, training = split_overrides(args.overrides)
     cfg = load_sweep(args.config, own, training)
     if args.baseline == "posthoc":
@@ -121,13 +129,16 @@ def cmd_sweep(args) -> None:
                   f"ratio {cmp['ratio']:.2f} ({cmp['path']})")
     print(f"study {summary['study']}: {summary['n_trials']}/{summary['requested']} trials complete, "
           f"{summary['failed']} failed, {summary['pruned']} pruned; results in {cfg.folder}")
+    if summary["n_trials"] == 0 and summary["failed"]:
+        raise RecsysError(f"every trial of study {summary['study']!r} failed ({summary['failed']}): the reasons are "
+                          f"in {cfg.folder / 'trials.csv'}")
     if "hypervolume" in summary:
         print(f"Pareto front: {len(summary['pareto'])} trials, hypervolume {summary['hypervolume']:.4f} "
               f"(normalised, reference point {summary['reference_point']})")
 
 
 def cmd_profile(args) -> None:
-    from recsys.efficiency import profile
+    from recsys.recipes import profile
     from recsys.tracking.records import write_json
     if args.validate:
         out = profile.validate(args.encoder, args.shapes, args.seq_len, n_threads=args.threads,
@@ -162,6 +173,7 @@ def cmd_profile(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="recsys", description="Two-tower recommenders on pretrained language models.")
+    p.add_argument("--verbose", "-v", action="store_true", help="show third-party warnings and log lines too")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     d = sub.add_parser("data", help="list, describe or download datasets")
@@ -191,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, default=128)
     pr.add_argument("--items", type=int, default=10000, help="catalog size for the online cost")
     pr.add_argument("--threads", type=int, default=None)
-    pr.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+    pr.add_argument("--precision", default="fp32", choices=choices(ServingPrecision),
                     help="serve the tower at this precision (bf16: compiled; int8: see --int8-backend)")
-    pr.add_argument("--int8-backend", default="torchao", choices=["torchao", "onnxruntime"],
+    pr.add_argument("--int8-backend", default="torchao", choices=choices(Int8Backend),
                     help="int8 kernels: torchao + compile (VNNI/AMX CPUs, GPUs) or ONNX Runtime (any x86)")
     pr.add_argument("--validate", action="store_true", help="predictor error on random sub-shapes")
     pr.add_argument("--shapes", type=int, default=30)
@@ -226,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if not args.verbose:
+            quiet_third_party()
         args.func(args)
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -233,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only or forbidden results folder: the path and the OS's reason
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or 'results'}: {e.strerror} (nothing half-written was kept)", file=sys.stderr)
+        return 2
     return 0
 
 

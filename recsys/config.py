@@ -8,17 +8,48 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from recsys.errors import RecsysError, read_utf8
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+# --- the choices a config can make: one definition each, used by validation, the CLI and the code that acts -------
+# Two precisions, two settings: how a run trains (Lightning's names) and how its towers are served and measured.
+TrainPrecision = Literal["32", "bf16-mixed", "16-mixed", "bf16-true"]  # train.precision (bf16: AVX512-BF16/AMX, GPU)
+ServingPrecision = Literal["fp32", "bf16", "int8"]  # compress.precision: the route that serves the towers
+Int8Backend = Literal["torchao", "onnxruntime"]  # int8 kernels: torchao (VNNI/AMX CPUs, GPUs), ONNX Runtime (any x86)
+QuantizableLayer = Literal["attention", "ffn", "projection"]  # Linear layers int8 may replace (quantize_layers)
+GateKind = Literal["heads", "ffn", "blocks", "output"]  # what can be gated (compress.gates)
+CostMetric = Literal["params", "flops", "latency"]  # a budget's metric
+DistillLoss = Literal["kl", "margin_mse", "embedding_mse"]  # distill.loss
+AttnImplementation = Literal["sdpa", "eager"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+def choices(tp) -> tuple:
+    """The values a Literal choice type allows, e.g. choices(ServingPrecision) == ("fp32", "bf16", "int8")."""
+    return typing.get_args(tp)
+
+
+def check_quantize_layers(layers, backend: str = "torchao") -> None:
+    """Layer names int8 can quantize, for `backend` (ValueError otherwise)."""
+    for name in layers:
+        if name not in choices(QuantizableLayer):
+            raise ValueError(f"quantize_layers: {name!r} cannot be quantized to int8 (supported: "
+                             f"{', '.join(choices(QuantizableLayer))}; embeddings and LayerNorms stay float)")
+    if backend == "onnxruntime" and "projection" in layers:
+        # the exporter writes the projection (a 2-D input) as Gemm, which quantize_dynamic leaves in float
+        raise ValueError("quantize_layers: 'projection' stays float with int8_backend=onnxruntime (its dynamic "
+                         "quantization has no integer Gemm); quantize attention and ffn")
+
+
 MIN_TOKENS = 8  # the shortest user text (in tokens) a run may be trained or served at
 
 
@@ -57,7 +88,7 @@ class ModelConfig:
     projection_dim: int | None = None  # optional linear projection of pooled embeddings to this many dims
     temperature: float = 0.05  # score = dot(u, i) / temperature on L2-normalised embeddings
     learn_temperature: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    attn_implementation: AttnImplementation = "sdpa"
     dropout: float | None = None  # hidden + attention dropout while training (None = the checkpoint's)
     init_from: str | None = None  # a run folder (or .ckpt) whose tower weights initialise this model's
     layers: list[int] | None = None  # keep only these encoder layers (0-based, e.g. [1, 3, 5]: a 3-layer student)
@@ -74,7 +105,7 @@ class ModelConfig:
             _check_range(self, "dropout", 0.0, 1.0)
         if self.projection_dim is not None:
             _check_positive(self, "projection_dim")
-        _check_choice(self, "attn_implementation", ("sdpa", "eager"))
+        _check_literals(self)
 
 
 @dataclass
@@ -88,7 +119,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     grad_clip: float = 1.0
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed | bf16-true (Lightning; bf16 needs AVX512-BF16/AMX or a GPU)
+    precision: TrainPrecision = "32"  # Lightning's training precision (bf16 needs AVX512-BF16/AMX or a GPU)
     examples_per_user: int | None = 20  # per-epoch cap on (history prefix -> next item) examples per user
     extra_negatives: int = 0  # random catalog items added as negatives to every batch
     logq_correction: bool = True  # subtract log(item's share of training targets) from logits (Yi et al. 2019)
@@ -97,7 +128,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget for fitting
     eval_batch_size: int = 128
     num_workers: int = 0
-    accelerator: str = "auto"
+    accelerator: Accelerator = "auto"
     devices: int | str = 1
     strategy: str = "auto"  # auto | ddp (multi-process) | deepspeed (GPU)
 
@@ -113,8 +144,7 @@ class TrainConfig:
         for k in ("examples_per_user", "max_minutes"):
             if getattr(self, k) is not None:
                 _check_positive(self, k)
-        _check_choice(self, "precision", PRECISIONS)
-        _check_choice(self, "accelerator", ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        _check_literals(self)
         d = self.devices
         if not ((isinstance(d, int) and (d > 0 or d == -1)) or d == "auto"
                 or (isinstance(d, str) and all(p.strip().isdigit() for p in d.split(",")))):
@@ -127,13 +157,14 @@ class TrackingConfig:
 
     results_dir: str = "results"
     run_name: str | None = None  # default: <dataset>-<timestamp>
-    wandb: str = "offline"  # offline (no key, no network) | online | disabled; $WANDB_MODE wins
+    wandb: WandbMode = "offline"  # offline (no key, no network) | online | disabled; $WANDB_MODE wins
     wandb_project: str = "recsys"
     wandb_group: str | None = None  # W&B run group (a sweep puts its trials in the study's group)
     progress_bar: bool = True
+    overwrite: bool = False  # replace a finished run of the same name (never one that is being written)
 
     def __post_init__(self):
-        _check_choice(self, "wandb", ("offline", "online", "disabled"))
+        _check_literals(self)
 
 
 @dataclass
@@ -145,10 +176,10 @@ class CompressConfig:
     to the target with a Lagrangian instead. See recsys/losses/penalties.py.
     """
 
-    gates: list[str] = field(default_factory=list)  # any of heads, ffn, blocks, output ([] = no gates)
+    gates: list[GateKind] = field(default_factory=list)  # any of heads, ffn, blocks, output ([] = no gates)
     ffn_group: int = 1  # FFN neurons per gate
     gate_init: float = 3.0  # initial log α (3.0: every deterministic gate is 1, the model starts dense)
-    # log α starts from the dense model's importance scores (model.init_from; recsys/efficiency/prune.py): per
+    # log α starts from the dense model's importance scores (model.init_from; recsys/models/importance.py): per
     # gate kind, ranked as post-hoc pruning ranks them, spread evenly over gate_init ± importance_spread / 2
     importance_init: bool = False
     importance_spread: float = 3.0
@@ -156,7 +187,7 @@ class CompressConfig:
     lambda_params: float = 0.0
     lambda_flops: float = 0.0
     lambda_latency: float = 0.0
-    budget_metric: str | None = None  # params | flops | latency
+    budget_metric: CostMetric | None = None
     budget_target: float | None = None  # target cost as a fraction of dense, in (0, 1]
     budget_warmup: float = 0.5  # fraction of training over which the target ramps from 1 to budget_target
     budget_tolerance: float = 0.05  # the run meets its budget if the final ratio <= target + tolerance
@@ -166,17 +197,15 @@ class CompressConfig:
     recovery: float = 0.0  # final fraction of training with the structure fixed: in-run recovery fine-tuning
     prune_ratio: float | None = None  # post-hoc pruning: close this fraction of heads and FFN groups by importance
     prune_batches: int = 8  # training batches whose gradients score the units (Michel et al. 2019)
-    precision: str = "fp32"  # precision the towers are served at: fp32 | bf16 | int8 (recsys/efficiency/quantize.py)
+    precision: ServingPrecision = "fp32"  # how the towers are served and measured (recsys/serving/quantize.py)
     qat: bool = False  # int8 quantization-aware training: Linear layers fake-quantised as int8_backend serves them
-    int8_backend: str = "torchao"  # int8 serving kernels: torchao (VNNI/AMX CPUs, GPUs) | onnxruntime (any x86)
-    quantize_layers: list[str] = field(default_factory=lambda: ["attention", "ffn"])  # + projection
+    int8_backend: Int8Backend = "torchao"
+    quantize_layers: list[QuantizableLayer] = field(default_factory=lambda: ["attention", "ffn"])  # + projection
 
     def __post_init__(self):
-        from recsys.models.gates import KINDS
-
         for g in self.gates:
-            if g not in KINDS:
-                raise ValueError(f"gates: unknown gate kind {g!r}{_suggest(g, KINDS)}")
+            if g not in choices(GateKind):
+                raise ValueError(f"gates: unknown gate kind {g!r}{_suggest(g, choices(GateKind))}")
         for k in ("lambda_params", "lambda_flops", "lambda_latency", "item_weight"):
             _check_range(self, k, 0, None)
         _check_positive(self, "prune_batches")
@@ -193,11 +222,8 @@ class CompressConfig:
                 raise ValueError("prune_ratio needs head or FFN gates (compress.gates=[heads, ffn])")
         if (self.freeze_gates or self.prune_ratio is not None) and (self.penalised or self.budget_metric):
             raise ValueError("a fixed structure (freeze_gates / prune_ratio) takes no penalties or budget")
-        from recsys.efficiency.quantize import BACKENDS, PRECISIONS, check_layers
-
-        _check_choice(self, "precision", PRECISIONS)
-        _check_choice(self, "int8_backend", BACKENDS)
-        check_layers(self.quantize_layers, self.int8_backend if self.precision == "int8" else "torchao")
+        _check_literals(self)
+        check_quantize_layers(self.quantize_layers, self.int8_backend if self.precision == "int8" else "torchao")
         if self.qat and self.precision != "int8":
             raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
@@ -210,7 +236,6 @@ class CompressConfig:
         if (self.budget_metric is None) != (self.budget_target is None):
             raise ValueError("budget_metric and budget_target go together (set both or neither)")
         if self.budget_metric is not None:
-            _check_choice(self, "budget_metric", ("params", "flops", "latency"))
             if not 0 < self.budget_target <= 1:
                 raise ValueError(f"budget_target must be in (0, 1] (a fraction of dense), got {self.budget_target}")
             if self.penalised:
@@ -230,15 +255,13 @@ class DistillConfig:
 
     teacher: str | None = None  # a finished run directory (e.g. the dense fine-tuned two-tower); None = off
     alpha: float = 1.0  # weight of the score/embedding distillation term
-    loss: str = "kl"  # kl (in-batch score distributions) | margin_mse | embedding_mse
+    loss: DistillLoss = "kl"  # kl (in-batch score distributions) | margin_mse | embedding_mse
     temperature: float = 1.0  # softening temperature of the kl loss (applied to the logits)
     hidden_weight: float = 0.0  # weight of layer-wise hidden-state distillation of the user tower (0 = off)
     layer_map: list[int] | None = None  # student layer i → teacher layer (0 = none); default uniform
 
     def __post_init__(self):
-        from recsys.losses.distill import KINDS
-
-        _check_choice(self, "loss", KINDS)
+        _check_literals(self)
         _check_range(self, "alpha", 0, None)
         _check_range(self, "hidden_weight", 0, None)
         _check_positive(self, "temperature")
@@ -280,10 +303,21 @@ def _check_range(obj, name, lo, hi):
         raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {v}")
 
 
-def _check_choice(obj, name, choices):
+def _check_choice(obj, name, allowed):
     v = getattr(obj, name)
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {v!r}")
+    if v not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+
+
+def _check_literals(obj) -> None:
+    """Every field typed with a Literal choice (or an optional one) holds one of its values."""
+    for f in dataclasses.fields(obj):
+        tp = typing.get_type_hints(type(obj))[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            typing.Union, types.UnionType) else [tp]
+        for a in args:
+            if typing.get_origin(a) is Literal and getattr(obj, f.name) is not None:
+                _check_choice(obj, f.name, choices(a))
 
 
 def _suggest(key: str, valid, prefix: str = "") -> str:
@@ -294,6 +328,11 @@ def _suggest(key: str, valid, prefix: str = "") -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` (int/float/str/bool, Optional and unions of those)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # checked against its values by the dataclass; YAML may read "32" as a number
+        allowed = typing.get_args(tp)
+        if all(isinstance(a, str) for a in allowed) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -317,13 +356,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise RecsysError(f"{where}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -345,7 +389,8 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
             raise RecsysError(f"{where}: unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, where, f"{prefix}{key}.")
+            # an empty section (`train:`) is the defaults; `train: 0` is not a section (checked by from_dict)
+            kwargs[key] = from_dict(tp, {} if value is None else value, where, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{where}: {prefix}{key}")
     try:
@@ -394,9 +439,10 @@ def read_yaml(path: str | Path) -> dict:
         line = f":{mark.line + 1}" if mark else ""
         raise RecsysError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if data is None:
-        return {}
+        raise RecsysError(f"{p}: the file is empty (expected a mapping of sections: data, model, train, ...)")
     if not isinstance(data, dict):
-        raise RecsysError(f"{p}: expected a mapping of sections (data, model, train, tracking)")
+        raise RecsysError(f"{p}: expected a mapping of sections (data, model, train, ...), got a "
+                          f"{type(data).__name__}")
     return data
 
 
@@ -404,6 +450,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file <- dotted overrides, validated."""
     data = read_yaml(path) if path else {}
     where = str(path) if path else "config"
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for item in overrides or []:
+        key, sep, _ = item.partition("=")
+        if sep and key in sections:  # `train=` or `train=0` would replace the whole section (and the file's block)
+            raise RecsysError(f"override '{item}': '{key}' is a section: set its keys ({key}.<key>=value)")
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         where = f"{where} (with overrides)" if path else "overrides"

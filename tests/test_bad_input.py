@@ -107,7 +107,9 @@ def test_invalid_yaml_names_file_and_line(capsys, tmp_path, results, text, linen
     ("train: 5\n", ["list.yaml", "section 'train' must be a mapping", "int"]),
     ("train:\n  lrr: 0.1\n", ["list.yaml", "unknown key 'train.lrr'", "did you mean 'train.lr'"]),
     ("trainer:\n  lr: 0.1\n", ["list.yaml", "unknown key 'trainer'", "did you mean 'train'"]),
-], ids=["list", "scalar", "section-int", "unknown-key", "unknown-section"])
+    ("", ["list.yaml", "the file is empty"]),
+    ("# only a comment\n", ["list.yaml", "the file is empty"]),
+], ids=["list", "scalar", "section-int", "unknown-key", "unknown-section", "empty", "comment-only"])
 def test_config_file_structure(capsys, tmp_path, results, text, needles):
     cfg = write(tmp_path / "list.yaml", text)
     line = fails(capsys, "train", "--config", cfg, f"tracking.results_dir={results}")
@@ -146,6 +148,12 @@ def test_config_file_not_utf8(capsys, tmp_path, results):
     ("compress.budget_target=0.5", ["compress", "budget_metric and budget_target go together"]),
     ("nosep", ["override 'nosep'", "section.key=value"]),
     ("=3", ["override '=3'", "section.key=value"]),
+    ("train.lr=nan", ["train.lr", "must be a finite number", "nan"]),
+    ("train.lr=.inf", ["train.lr", "must be a finite number", "inf"]),
+    ("distill.temperature=.nan", ["distill.temperature", "must be a finite number"]),
+    ("train=", ["override 'train='", "'train' is a section", "train.<key>=value"]),
+    ("train=0", ["override 'train=0'", "'train' is a section"]),
+    ("train=false", ["override 'train=false'", "'train' is a section"]),
 ])
 def test_bad_override(capsys, results, override, needles):
     line = fails(capsys, "train", f"tracking.results_dir={results}", override)
@@ -213,6 +221,9 @@ def test_bad_override_with_config_names_the_file(capsys, results):
     cfg = REPO / "configs" / "synthetic.yaml"
     line = fails(capsys, "train", "--config", cfg, f"tracking.results_dir={results}", "train.batch_size=abc")
     assert_contains(line, "synthetic.yaml", "train.batch_size", "expected int")
+    # a section replaced by an override would silently discard the file's block
+    assert_contains(fails(capsys, "train", "--config", cfg, f"tracking.results_dir={results}", "train="),
+                    "'train' is a section")
 
 
 # --- command line -------------------------------------------------------------------------------------------
@@ -373,8 +384,16 @@ def test_train_with_model_dir_without_model(capsys, small_synthetic_args, tmp_pa
     empty = tmp_path / "empty_model"
     empty.mkdir()
     line = fails(capsys, "train", *small_synthetic_args, f"model.encoder={empty}")
-    assert_contains(line, str(empty), "cannot load")
+    assert_contains(line, str(empty), "no config.json in this folder")
     assert files_under(tmp_path / "results") == []
+
+
+def test_profile_goes_through_the_same_model_check(capsys, distilbert_dir, tmp_path):
+    line = fails(capsys, "profile", "--encoder", distilbert_dir)
+    assert_contains(line, distilbert_dir, "unsupported architecture 'distilbert'")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    assert_contains(fails(capsys, "profile", "--encoder", empty), "no config.json")
 
 
 def test_train_with_unsupported_architecture(capsys, small_synthetic_args, tmp_path, distilbert_dir):
@@ -413,6 +432,12 @@ def test_evaluate_folder_without_config(capsys, tmp_path):
     write(tmp_path / "run" / "checkpoints" / "best.ckpt", b"x")
     line = fails(capsys, "evaluate", tmp_path / "run")
     assert_contains(line, str(tmp_path / "run"), "no config.yaml")
+
+
+def test_evaluate_takes_a_run_folder_not_a_loose_checkpoint(capsys, fake_run, tmp_path):
+    loose = write(tmp_path / "somewhere" / "model.ckpt", b"x")
+    assert_contains(fails(capsys, "evaluate", loose), str(loose), "is a file", "give the run folder")
+    assert_contains(fails(capsys, "evaluate", fake_run / "config.yaml"), "is a file", "give the run folder")
 
 
 def test_evaluate_run_without_checkpoint(capsys, fake_run):

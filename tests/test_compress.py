@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_run_args
 
 from recsys.cli import main
-from recsys.efficiency.export import load_tower, run_exported
 from recsys.models.encoder import load_tokenizer
 from recsys.models.tower import tokenize
+from recsys.serving.export import load_tower, run_exported
 
 GATES = "compress.gates=[heads,ffn,blocks,output]"
 
@@ -62,8 +62,8 @@ def test_export_formats_reproduce_the_gated_embeddings(penalised_run, tiny_model
     user = report["towers"]["user"]
     assert user["max_abs_diff"] <= 1e-4
     # independently of export_run's own check: the artifact against the run's materialized tower
-    from recsys.efficiency.materialize import materialize
-    from recsys.train import load_run
+    from recsys.runs import load_run
+    from recsys.serving.materialize import materialize
     _, module = load_run(run)
     compact = materialize(module.user_tower)
     tok = load_tokenizer(tiny_model)
@@ -117,7 +117,7 @@ def test_posthoc_pruning_then_frozen_recovery(penalised_run, tiny_model):
     assert sum(len(layer["heads"]) for layer in shape["layers"]) == 4  # half of 2 × 4 heads
     assert sum(layer["ffn"] for layer in shape["layers"]) == 64  # half of 2 × 64 neurons, in groups of 8
     # the structure stayed fixed while training: every gate is still at ±10
-    from recsys.train import load_run
+    from recsys.runs import load_run
     _, module = load_run(run)
     assert module.user_tower.gates.heads.log_alpha.abs().eq(10).all()
     # recovery of a gated run: init_from + freeze_gates keeps its hard shape
@@ -127,7 +127,7 @@ def test_posthoc_pruning_then_frozen_recovery(penalised_run, tiny_model):
 
 
 def test_importance_ranks_units_and_keep_mask_is_global():
-    from recsys.efficiency.prune import keep_mask
+    from recsys.models.importance import keep_mask
 
     scores = torch.tensor([[5.0, 1.0, 3.0], [0.5, 4.0, 2.0]])
     assert keep_mask(scores, 0.5).tolist() == [[True, False, True], [False, True, False]]
@@ -139,7 +139,7 @@ def test_in_run_recovery_fixes_the_structure_for_the_last_part_of_training(penal
     import pytorch_lightning as pl
 
     from recsys.config import load_config
-    from recsys.train import train
+    from recsys.recipes.train import train
 
     _, args, _ = penalised_run
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_run_args
 
 from recsys.cli import main
@@ -16,6 +17,7 @@ from recsys.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_compression_benchmark_end_to_end(tmp_path, tiny_model):
     args = [*tiny_run_args(tiny_model, tmp_path), "data.name=synthetic", "train.epochs=1"]
     assert main(["train", "--config", "configs/ml100k.yaml", *args, "tracking.run_name=dense-seed0"]) == 0

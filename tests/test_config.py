@@ -21,7 +21,7 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_every_shipped_sweep_config_loads(path, monkeypatch):
-    from recsys.search.sweep import load_sweep
+    from recsys.search.study import load_sweep
 
     monkeypatch.chdir(REPO)  # base_config paths are relative to the repository root
     cfg = load_sweep(path)
@@ -60,7 +60,7 @@ def test_yaml_errors_name_file_and_line(tmp_path):
 
 def test_precision_and_distillation_weight_are_sweep_dimensions(tmp_path, monkeypatch):
     from recsys.errors import RecsysError
-    from recsys.search.sweep import load_sweep
+    from recsys.search.study import load_sweep
 
     monkeypatch.chdir(REPO)
     body = ("study: x\nbase_config: configs/ml100k_lambda.yaml\nn_trials: 2\nparams:\n"

@@ -94,13 +94,12 @@ def teacher_run(tmp_path_factory, tiny_model):
     return tmp / "results" / "runs" / "teacher", args, tmp
 
 
-def _student(tiny_model, teacher: Path, **distill):
-    from dataclasses import asdict
-
-    from recsys.config import ModelConfig, TrainConfig
-    from recsys.models.two_tower import TwoTowerModule
-    return TwoTowerModule(asdict(ModelConfig(encoder=tiny_model, projection_dim=8)), asdict(TrainConfig()),
-                          distill={"teacher": str(teacher), **distill})
+def _student(tiny_model, teacher: Path, layers=None, projection_dim=8, **distill):
+    """A student built as a run config describes it (the teacher loaded and attached by build_module)."""
+    from recsys.config import DistillConfig, ModelConfig, RunConfig
+    from recsys.runs import build_module
+    return build_module(RunConfig(model=ModelConfig(encoder=tiny_model, projection_dim=projection_dim, layers=layers),
+                                  distill=DistillConfig(teacher=str(teacher), **distill)))
 
 
 def test_distillation_pulls_the_student_towards_the_teacher(teacher_run, tiny_model):
@@ -146,7 +145,7 @@ def test_training_with_a_teacher_logs_every_term_and_loads_back(teacher_run):
     with open(run / "log" / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert {"train/task_loss", "train/distill_loss", "train/hidden_loss"} <= set(header)
-    from recsys.train import load_run
+    from recsys.runs import load_run
     _, module = load_run(run)  # without its teacher
     assert module.distiller is None
 
@@ -186,12 +185,7 @@ def test_fewer_layer_student_is_cut_from_the_checkpoint_and_maps_to_its_layers(t
     teacher, _, _ = teacher_run
     student = _student(tiny_model, teacher, hidden_weight=1.0)
     assert student.distiller.hidden.layer_map == [1, 2]  # same depth: layer i ↔ layer i
-    from dataclasses import asdict
-
-    from recsys.config import ModelConfig, TrainConfig
-    from recsys.models.two_tower import TwoTowerModule
-    cut = TwoTowerModule(asdict(ModelConfig(encoder=tiny_model, layers=[1])), asdict(TrainConfig()),
-                         distill={"teacher": str(teacher), "hidden_weight": 1.0})
+    cut = _student(tiny_model, teacher, layers=[1], projection_dim=None, hidden_weight=1.0)
     assert cut.user_tower.encoder.shape.n_layers == 1 and len(cut.user_tower.encoder.layers) == 1
     assert cut.distiller.hidden.layer_map == [2]  # the student's only layer is the checkpoint's second
     full = BertEncoder.from_pretrained(tiny_model)

@@ -6,10 +6,10 @@ import torch
 
 from recsys.config import CompressConfig, ModelConfig
 from recsys.efficiency.cost import cost, soft_cost
-from recsys.efficiency.materialize import materialize
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.gates import BETA, GAMMA, ZETA, HardConcrete
 from recsys.models.two_tower import build_tower
+from recsys.serving.materialize import materialize
 
 
 def _gated_tower(tiny_model, gates=("heads", "ffn", "blocks", "output"), projection_dim=None, ffn_group=1):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from recsys.efficiency import latency
-from recsys.efficiency.latency import Timing, exclusive, interleaved, measure, online_latency
+from recsys.efficiency.latency import Timing, exclusive, interleaved, measure
 from recsys.efficiency.shape import LayerShape, Shape
 from recsys.models.encoder import BertEncoder
 from recsys.models.tower import Tower
+from recsys.serving.routes import online_latency
 
 
 def test_timing_percentiles():

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from recsys.tracking.schemas import SCHEMAS, problems
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 
 
 def _lambda_runs() -> dict:
@@ -73,3 +76,27 @@ def test_notebook_without_its_input_fails(tmp_path):
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="ml100k_pareto.json"):
         nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
             env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
+
+
+def test_notebook_refuses_a_file_that_breaks_its_schema(tmp_path):
+    """The notebooks check what they read against recsys.tracking.schemas (one line naming the missing key)."""
+    bad = _pareto()
+    del bad["pareto"][0]["test"]
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "ml100k_pareto.json").write_text(json.dumps(bad))
+    nb = nbformat.read(NOTEBOOKS / "pareto_fronts.ipynb", as_version=4)
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match=r"pareto\[0\] has no key 'test'"):
+        nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+            env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_committed_benchmarks_and_fixtures_follow_their_schema(name):
+    path = REPO / "results" / "benchmarks" / name
+    if path.is_file():
+        assert problems(name, json.loads(path.read_text())) == []
+    fixtures = {"ml100k_lambda.json": _lambda_runs, "ml100k_pareto.json": _pareto,
+                "ml100k_compression.json": _compression}
+    if name in fixtures:
+        assert problems(name, fixtures[name]()) == []
+    assert problems(name, {}) != []  # the schema asks for something

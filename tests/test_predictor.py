@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from recsys.efficiency.cost import SoftShape
-from recsys.efficiency.predictor import _interp, load_or_build, predict, predict_soft, random_subshape
+from recsys.efficiency.predictor import _interp, predict, predict_soft, random_subshape
 from recsys.efficiency.shape import LayerShape, Shape
+from recsys.serving.latency_tables import load_or_build
 
 BASE = Shape(layers=(LayerShape((0, 1, 2, 3), 128),) * 2, hidden=64, head_dim=16, n_heads_dense=4, ffn_dense=128,
              vocab_size=30522, max_positions=128, type_vocab_size=2, seq_len=32)

@@ -5,17 +5,18 @@ import pytest
 
 from recsys.cli import main
 from recsys.efficiency import predictor
+from recsys.serving import latency_tables
 
 
 @pytest.fixture(autouse=True)
 def small_grids(monkeypatch, tmp_path):
     monkeypatch.setattr(predictor, "CACHE_DIR", tmp_path / "cache")
-    orig = predictor.build_tables
+    orig = latency_tables.build_tables
 
     def fast(base, **kw):
         kw.update(items=(1000, 10000), dims=(32, 64), seq=(16, 32, 64), min_seconds=0.01)
         return orig(base, **kw)
-    monkeypatch.setattr(predictor, "build_tables", fast)
+    monkeypatch.setattr(latency_tables, "build_tables", fast)
 
 
 def test_profile_prints_costs_and_writes_json(tiny_model, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recsys.cli import main
-from recsys.efficiency.quantize import ROUTES, is_qat, prepare_qat, quantize_int8, serve, simulate_int8
+from recsys.serving.quantize import ROUTES, is_qat, prepare_qat, quantize_int8, serve, simulate_int8
 
 ALL = ["attention", "ffn", "projection"]
 
@@ -106,7 +106,7 @@ def test_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_path):
                  "compress.quantize_layers=[attention,ffn]"]) == 0
     run = tmp_path / "results" / "runs" / "t"
     assert json.loads((run / "metrics.json").read_text())["test"]["ndcg@10"] >= 0
-    from recsys.train import load_run
+    from recsys.runs import load_run
     _, module = load_run(run)
     assert is_qat(module.user_tower)
     x = _inputs()
@@ -122,8 +122,8 @@ def test_onnxruntime_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_
                  "compress.int8_backend=onnxruntime", "compress.gates=[heads,ffn]", "compress.lambda_latency=0.5"]) == 0
     keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache").glob("tables-*.json")]
     assert sorted(k.get("route", "fp32") for k in keys) == ["fp32", "ort-int8"]
-    from recsys.efficiency.materialize import materialize
-    from recsys.train import load_run
+    from recsys.runs import load_run
+    from recsys.serving.materialize import materialize
     _, module = load_run(tmp_path / "results" / "runs" / "t")
     assert is_qat(module.user_tower)
     tower = materialize(module.user_tower)

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_run_args
 
 from recsys.cli import main
-from recsys.efficiency.prune import importance_scores, keep_mask, rank_log_alpha
+from recsys.models.importance import importance_scores, keep_mask, rank_log_alpha
 
 GATES = "compress.gates=[heads,ffn,blocks,output]"
 
@@ -41,10 +41,12 @@ def test_importance_init_orders_gates_as_posthoc_pruning_would(dense, tiny_model
     from itertools import islice
 
     from recsys.config import load_config
+    from recsys.data.registry import load_data
     from recsys.models.datamodule import RecDataModule
     from recsys.models.encoder import load_tokenizer
     from recsys.models.two_tower import TwoTowerModule
-    from recsys.train import init_weights, load_data, prepare_module
+    from recsys.recipes.train import prepare_module
+    from recsys.runs import init_weights
 
     run, args, _ = dense
     cfg = load_config(None, [*args, GATES, f"model.init_from={run}",
@@ -89,7 +91,8 @@ def test_importance_initialised_run_trains_end_to_end(dense, capsys):
 def test_frozen_item_tower_trains_the_user_tower_only(dense):
     """model.freeze_item_tower: the item tower keeps the dense run's weights exactly, its catalog embeddings
     are encoded once and looked up, and the run evaluates the same through the tower as through the cache."""
-    from recsys.train import evaluate_run, load_run
+    from recsys.recipes.evaluate import evaluate_run
+    from recsys.runs import load_run
 
     run, args, tmp = dense
     out = _train(args, tmp, "frozen", f"model.init_from={run}", "model.freeze_item_tower=true")
@@ -107,9 +110,9 @@ def test_frozen_item_tower_trains_the_user_tower_only(dense):
 
 def test_frozen_item_batches_carry_no_item_tokens(dense, tiny_model):
     from recsys.config import load_config
+    from recsys.data.registry import load_data
     from recsys.models.datamodule import RecDataModule
     from recsys.models.encoder import load_tokenizer
-    from recsys.train import load_data
 
     _, args, _ = dense
     cfg = load_config(None, args)
@@ -120,8 +123,9 @@ def test_frozen_item_batches_carry_no_item_tokens(dense, tiny_model):
 
 
 def test_reference_is_evaluated_and_measured_at_its_overrides(dense, tiny_model):
-    from recsys.search.sweep import ParamSpec, SweepConfig, reference_costs
-    from recsys.train import evaluate_run
+    from recsys.recipes.evaluate import evaluate_run
+    from recsys.search.objectives import reference_costs
+    from recsys.search.study import ParamSpec, SweepConfig
 
     run, _, tmp = dense
     cfg = SweepConfig(study="ref", base_config="configs/synthetic.yaml", params={"train.lr": ParamSpec(low=1e-4,
@@ -137,7 +141,7 @@ def test_reference_is_evaluated_and_measured_at_its_overrides(dense, tiny_model)
 
 def test_posthoc_twin_searches_the_same_input_knobs():
     from recsys.search.posthoc import posthoc_config
-    from recsys.search.sweep import ParamSpec, SweepConfig
+    from recsys.search.study import ParamSpec, SweepConfig
 
     tokens = ParamSpec(type="categorical", choices=[16, 32])
     cfg = SweepConfig(base_config="x.yaml", params={"compress.budget_target": ParamSpec(low=0.1, high=0.9),

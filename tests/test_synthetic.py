@@ -4,7 +4,8 @@ import numpy as np
 from recsys.config import DataConfig
 from recsys.data.split import leave_last_out
 from recsys.data.synthetic import generate
-from recsys.retrieval.baselines import run_popularity, run_zero_shot
+from recsys.recipes.baselines import run_zero_shot
+from recsys.retrieval.baselines import run_popularity
 
 
 def test_deterministic_from_seed_and_different_across_seeds():

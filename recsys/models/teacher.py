@@ -1,5 +1,6 @@
 """Distillation from a finished run: the frozen teacher, its cached item embeddings, and the distillation term
 `α·distill + β·hidden` a student adds to its loss (`distill:` section; losses in `recsys.losses.distill`).
+The teacher arrives as a module: the train recipe loads the run `distill.teacher` names.
 
 The teacher's item embeddings are computed once per fit over the whole catalog and looked up by item id; its
 user embeddings (and hidden states, for layer-wise distillation) are computed per batch without gradients.
@@ -8,7 +9,6 @@ Teacher and student read the same tokens, so their tokenizers must have the same
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +16,8 @@ from torch import nn
 from recsys.config import DistillConfig
 from recsys.errors import RecsysError
 from recsys.losses.distill import EmbeddingMSELoss, HiddenStateLoss, MarginMSELoss, ScoreKLLoss, uniform_layer_map
+from recsys.models.encoder import load_tokenizer, resolve_model_path
+from recsys.models.tower import encode_texts
 
 
 @contextmanager
@@ -33,27 +35,21 @@ def capture_hidden(encoder: nn.Module):
 
 
 def _vocab(encoder: str) -> dict:
-    from transformers import AutoTokenizer
-
-    from recsys.models.encoder import resolve_model_path
-    return AutoTokenizer.from_pretrained(resolve_model_path(encoder)).get_vocab()
+    return load_tokenizer(resolve_model_path(encoder)).get_vocab()
 
 
 class Distiller(nn.Module):
     """The distillation terms of a student. Holds the loss modules (with their learned projections, saved with
     the student's checkpoint) and the teacher (not a submodule: it is neither trained nor saved)."""
 
-    def __init__(self, cfg: DistillConfig, student_encoder: str, student_dim: int, student_shape,
-                 student_layers: list[int] | None = None):
+    def __init__(self, cfg: DistillConfig, teacher: nn.Module, teacher_encoder: str, student_encoder: str,
+                 student_dim: int, student_shape, student_layers: list[int] | None = None):
+        """`teacher`: a finished run's two-tower module (`recsys.runs.load_teacher`), read with the tokenizer of
+        `teacher_encoder`, which must be the student's."""
         super().__init__()
-        from recsys.train import load_run
-
         self.cfg = cfg
-        if not (Path(cfg.teacher) / "config.yaml").is_file():
-            raise RecsysError(f"distill.teacher: {cfg.teacher} is not a finished run (no config.yaml)")
-        teacher_cfg, teacher = load_run(cfg.teacher)
-        if _vocab(teacher_cfg.model.encoder) != _vocab(student_encoder):
-            raise RecsysError(f"distill.teacher: {cfg.teacher} uses encoder {teacher_cfg.model.encoder!r}, whose "
+        if _vocab(teacher_encoder) != _vocab(student_encoder):
+            raise RecsysError(f"distill.teacher: {cfg.teacher} uses encoder {teacher_encoder!r}, whose "
                               f"tokenizer differs from the student's ({student_encoder!r}); "
                               "they must read the same tokens")
         for p in teacher.parameters():
@@ -81,13 +77,16 @@ class Distiller(nn.Module):
     def teacher(self):
         return self._teacher[0]
 
-    def cache_items(self, item_texts: list[str], tokenizer, max_tokens: int, device) -> None:
-        """Teacher embeddings of the whole catalog, once per fit."""
-        from recsys.models.tower import encode_texts
+    def cache_items(self, item_texts: list[str], tokenizer, max_tokens: int) -> None:
+        """Teacher embeddings of the whole catalog, once per fit (the recipe calls this before fitting)."""
+        self.item_emb = encode_texts(self.teacher.eval().item_tower, tokenizer, item_texts, max_tokens,
+                                     desc="teacher items", progress=False)
 
-        t = self.teacher.to(device).eval()
-        self.item_emb = encode_texts(t.item_tower, tokenizer, item_texts, max_tokens, desc="teacher items",
-                                     progress=False).to(device)
+    def to_device(self, device) -> None:
+        """The teacher and its cached item embeddings onto the student's device."""
+        self.teacher.to(device)
+        if self.item_emb is not None:
+            self.item_emb = self.item_emb.to(device)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, temperature: torch.Tensor, batch: dict,
                 student_hidden: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from recsys.data.split import Split
+from recsys.data.text import user_text
+from recsys.retrieval.evaluate import Scorer, embedding_scorer
+
 
 class Tower(nn.Module):
     """Text embeddings from a BERT-family encoder: [B, L] token ids → [B, d] unit vectors."""
@@ -65,3 +69,24 @@ def encode_texts(tower: Tower, tokenizer, texts: Sequence[str], max_tokens: int,
             out[torch.from_numpy(idx)] = tower(**batch).float().cpu()
     tower.train(was_training)
     return out
+
+
+
+def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], split: Split, data_cfg,
+                  stages=("val", "test"), batch_size: int = 128, progress: bool = True,
+                  item_emb: torch.Tensor | None = None) -> dict[str, Scorer]:
+    """{stage: scorer} of a two-tower: item texts encoded once for all stages (or `item_emb` [N, d] given),
+    each stage's user texts (the history up to its target) encoded once — the same texts for the trained model
+    and the zero-shot encoder."""
+
+    items = item_emb if item_emb is not None else encode_texts(
+        item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size, desc="encode items",
+        progress=progress)
+    users = split.eval_users
+    scorers = {}
+    for stage in stages:
+        texts = [user_text(item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
+        emb = encode_texts(user_tower, tokenizer, texts, data_cfg.user_max_tokens, batch_size,
+                           desc=f"encode users ({stage})", progress=progress)
+        scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
+    return scorers

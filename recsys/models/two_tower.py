@@ -22,7 +22,7 @@ from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
 from recsys.models.gates import TowerGates
-from recsys.models.teacher import capture_hidden
+from recsys.models.teacher import Distiller, capture_hidden
 from recsys.models.tower import Tower, encode_texts
 from recsys.retrieval.evaluate import ranks_for_users
 from recsys.retrieval.metrics import per_user_metrics, summarize
@@ -56,6 +56,11 @@ def build_tower(name: str, cfg: ModelConfig, compress: CompressConfig | None = N
 
 
 class TwoTowerModule(pl.LightningModule):
+    """Trains, and nothing else. What it needs from outside is prepared and handed in (`recsys.runs.build_module`,
+    `recsys.recipes.train.prepare_module`): int8 fake-quantisation for QAT, a distiller holding its teacher
+    (`attach_distiller`), a frozen item tower's catalog embeddings (`set_item_cache`), the cost model of its
+    gated towers with their latency tables (`set_costs`), importance-initialised or pruned gates."""
+
     def __init__(self, model: dict, train: dict, compress: dict | None = None, distill: dict | None = None):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: checkpoints load with weights_only=True
@@ -76,15 +81,11 @@ class TwoTowerModule(pl.LightningModule):
         self.item_cache: torch.Tensor | None = None
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
         self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
-        if c.qat:  # before any optimizer and before loading a QAT checkpoint: the parameters are kept
-            from recsys.efficiency.quantize import prepare_qat
-            for tower in {id(t): t for t in (self.user_tower, self.item_tower)}.values():
-                prepare_qat(tower, c.quantize_layers, c.int8_backend)
         if c.freeze_gates:
             for tower in (self.user_tower, self.item_tower):
                 if tower.gates is not None:
                     tower.gates.freeze()
-        self.user_costs: CostNormaliser | None = None  # set up at fit start (needs the catalog size)
+        self.user_costs: CostNormaliser | None = None  # handed in by the recipe (`set_costs`)
         self.item_costs: CostNormaliser | None = None
         if self.user_tower.dim != self.item_tower.dim:
             raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {self.item_tower.dim}; "
@@ -95,11 +96,7 @@ class TwoTowerModule(pl.LightningModule):
         else:
             self.register_buffer("log_temperature", log_t)
         self.loss = InBatchSoftmaxLoss()
-        self.distiller = None
-        if self.distill_cfg.teacher:
-            from recsys.models.teacher import Distiller
-            self.distiller = Distiller(self.distill_cfg, self.model_cfg.encoder, self.user_tower.dim,
-                                       self.user_tower.encoder.shape, self.model_cfg.layers)
+        self.distiller: Distiller | None = None  # attached by recsys.runs.build_module when distilling
         self.val_ranks, self.val_users = CatMetric(), CatMetric()
         self._item_emb: torch.Tensor | None = None
 
@@ -137,6 +134,15 @@ class TwoTowerModule(pl.LightningModule):
             gates = None
         return self.item_tower(**batch["item"], gates=gates)
 
+    @property
+    def towers(self) -> list[Tower]:
+        """The distinct towers (one when they are shared)."""
+        return list({id(t): t for t in (self.user_tower, self.item_tower)}.values())
+
+    def attach_distiller(self, distiller: Distiller) -> None:
+        """Distil from a teacher (`distill:`): its terms join the loss, its projections the checkpoint."""
+        self.distiller = distiller
+
     def set_item_cache(self, item_emb: torch.Tensor) -> None:
         """Hand in the frozen item tower's catalog embeddings [n_items, d] (computed once by the recipe)."""
         if not self.model_cfg.freeze_item_tower:
@@ -148,24 +154,23 @@ class TwoTowerModule(pl.LightningModule):
     def gated(self) -> bool:
         return self.user_tower.gates is not None
 
-    def on_fit_start(self) -> None:
-        if self.distiller is not None:
-            dm = self.trainer.datamodule
-            self.distiller.cache_items(dm.item_texts, dm.tokenizer, dm.data_cfg.item_max_tokens, self.device)
-        if not (self.gated and (self.penalty.active or self.budget is not None)):
-            return
-        from recsys.efficiency.predictor import load_or_build
-        from recsys.efficiency.quantize import route_for
+    @property
+    def costed(self) -> bool:
+        """Gated and under penalties or a budget: its structure loss needs the cost model (`set_costs`)."""
+        return self.gated and (self.penalty.active or self.budget is not None)
 
-        c, dm = self.compress_cfg, self.trainer.datamodule
-        user_base = self.user_tower.shape.replace(seq_len=dm.data_cfg.user_max_tokens, batch=1)
-        needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
-        # the latency of the route the tower will be served by (its precision's calibration)
-        tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend))
-                  if needs_latency else None)
-        self.user_costs = CostNormaliser(user_base, dm.split.n_items, tables)
-        if self.separate and self.item_tower.gates is not None:
-            self.item_costs = CostNormaliser(self.item_tower.shape.replace(seq_len=dm.data_cfg.item_max_tokens))
+    def set_costs(self, user: CostNormaliser, item: CostNormaliser | None = None) -> None:
+        """Hand in the cost model of the gated towers (the user tower's online cost at the run's token budget,
+        with latency tables when a latency term needs them; a separate gated item tower's offline cost)."""
+        self.user_costs, self.item_costs = user, item
+
+    def on_fit_start(self) -> None:  # what the recipe handed in, onto the device fitting runs on
+        if self.costed and self.user_costs is None:
+            raise RecsysError("a gated module under penalties or a budget needs its cost model (set_costs)")
+        if self.item_cache is not None:
+            self.item_cache = self.item_cache.to(self.device)
+        if self.distiller is not None:
+            self.distiller.to_device(self.device)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         """In-run recovery: over the last `compress.recovery` of training the structure is fixed (deterministic

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from recsys.data.split import Split
-from recsys.retrieval.evaluate import EvalResult, evaluate, tower_scorers
+from recsys.retrieval.evaluate import EvalResult, evaluate
 
 KNN_KS = (50, 100, 200, None)  # None = all neighbours
 EASE_LAMBDAS = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -89,60 +89,3 @@ def run_ease(split: Split, grid=EASE_LAMBDAS, progress: bool = True) -> tuple[Ev
     return test, {"lambda": info["value"], "val": info["val"]}
 
 
-def run_zero_shot(dataset, split: Split, data_cfg, encoder: str = "minilm",
-                  progress: bool = True) -> tuple[EvalResult, dict]:
-    """The untrained encoder (mean pooling, cosine) on the same user/item texts as the two-tower."""
-    from recsys.config import ModelConfig
-    from recsys.models.encoder import load_tokenizer, resolve_model_path
-    from recsys.models.two_tower import build_tower
-
-    tower = build_tower(encoder, ModelConfig(encoder=encoder))
-    tok = load_tokenizer(resolve_model_path(encoder))
-    scorers = tower_scorers(tower, tower, tok, dataset.item_texts, split, data_cfg, progress=progress)
-    val = evaluate(scorers["val"], split, "val", progress=progress)
-    test = evaluate(scorers["test"], split, "test", progress=progress)
-    return test, {"encoder": encoder, "val": val.metrics}
-
-
-BASELINES = ("popularity", "itemknn", "ease", "zero_shot")
-
-
-def run_baselines(cfg, models=BASELINES, progress: bool = True) -> dict:
-    """Evaluate baselines on `cfg.data` (a RunConfig); write results/baselines/<dataset>/ (CSV, Markdown,
-    per-user CSVs, record). Returns {model: {metrics..., hyper-parameters...}}."""
-    from pathlib import Path
-
-    from recsys.errors import RecsysError
-    from recsys.tracking.records import environment_record, markdown_table, staged_dir, write_json
-    from recsys.train import METRIC_COLUMNS, dataset_slug, load_data
-
-    unknown = [m for m in models if m not in BASELINES]
-    if unknown:
-        raise RecsysError(f"unknown baseline '{unknown[0]}' (known: {', '.join(BASELINES)})")
-    ds, split = load_data(cfg.data)
-    runners = {
-        "popularity": lambda: run_popularity(split, progress),
-        "itemknn": lambda: run_itemknn(split, progress=progress),
-        "ease": lambda: run_ease(split, progress=progress),
-        "zero_shot": lambda: run_zero_shot(ds, split, cfg.data, cfg.model.encoder, progress),
-    }
-    final = Path(cfg.tracking.results_dir) / "baselines" / dataset_slug(cfg.data)
-    out, rows = {}, []
-    with staged_dir(final) as folder:
-        for name in models:
-            test, info = runners[name]()
-            test.write_per_user(folder / f"per_user_{name}.csv", ds.user_ids)
-            out[name] = {**test.metrics, **{k: v for k, v in info.items() if k != "val"},
-                         "val_ndcg@10": info.get("val", {}).get("ndcg@10")}
-            rows.append({"model": name, **out[name]})
-        columns = ["model", *METRIC_COLUMNS]
-        with open(folder / "baselines.csv", "w") as f:
-            f.write(",".join(columns) + ",hyperparameters\n")
-            for r in rows:
-                hp = ";".join(f"{k}={v}" for k, v in out[r["model"]].items() if k in ("k", "lambda", "encoder"))
-                f.write(",".join(str(r[c]) for c in columns) + f",{hp}\n")
-        (folder / "baselines.md").write_text(markdown_table(rows, columns) + "\n")
-        write_json(folder / "baselines.json", {"dataset": cfg.data.name, "models": out,
-                                               "users_evaluated": int(len(split.eval_users))})
-        write_json(folder / "record.json", {**environment_record(), "dataset": ds.stats()})
-    return out

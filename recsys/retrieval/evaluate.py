@@ -45,28 +45,6 @@ def embedding_scorer(user_emb: torch.Tensor, users: np.ndarray, n_users: int, it
     return lambda batch: user_emb[row[batch]] @ item_emb.T  # [B, N]
 
 
-def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], split: Split, data_cfg,
-                  stages=("val", "test"), batch_size: int = 128, progress: bool = True,
-                  item_emb: torch.Tensor | None = None) -> dict[str, Scorer]:
-    """{stage: scorer} of a two-tower: item texts encoded once for all stages (or `item_emb` [N, d] given),
-    each stage's user texts (the history up to its target) encoded once — the same texts for the trained model
-    and the zero-shot encoder."""
-    from recsys.data.text import user_text
-    from recsys.models.tower import encode_texts
-
-    items = item_emb if item_emb is not None else encode_texts(
-        item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size, desc="encode items",
-        progress=progress)
-    users = split.eval_users
-    scorers = {}
-    for stage in stages:
-        texts = [user_text(item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
-        emb = encode_texts(user_tower, tokenizer, texts, data_cfg.user_max_tokens, batch_size,
-                           desc=f"encode users ({stage})", progress=progress)
-        scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
-    return scorers
-
-
 def history_mask(split: Split, users: np.ndarray, stage: str) -> torch.Tensor:
     """[B, n_items] bool: items each user has seen before `stage`'s target (train; + validation item at test)."""
     mask = torch.zeros(len(users), split.n_items, dtype=torch.bool)

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 KS = (10, 20)
+METRIC_COLUMNS = ["ndcg@10", "recall@10", "mrr@10", "ndcg@20", "recall@20"]  # the columns of results tables
 
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """The post-hoc front: the same trial budget spent on pruning the dense fine-tuned two-tower by importance
-(`recsys.efficiency.prune`) at a range of ratios, each with the same recovery fine-tuning as a λ trial, scored
+(`recsys.models.importance`) at a range of ratios, each with the same recovery fine-tuning as a λ trial, scored
 with the same objectives and reference — so its hypervolume is comparable with the λ study's.
 `recsys sweep --config <λ sweep> --baseline posthoc` runs it as its own study, `<study>-posthoc`.
 """
 from __future__ import annotations
 
-from recsys.search.sweep import ParamSpec, SweepConfig
+from recsys.search.study import ParamSpec, SweepConfig
 
 
 def posthoc_config(cfg: SweepConfig, low: float = 0.1, high: float = 0.9) -> SweepConfig:

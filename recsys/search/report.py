@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.search.sweep import OBJECTIVES, SweepConfig, disturbed, open_study, reference_costs
+from recsys.recipes.evaluate import evaluate_run
+from recsys.search.objectives import disturbed, reference_costs
+from recsys.search.study import OBJECTIVES, SweepConfig, open_study
 from recsys.tracking.records import write_json
 
 
@@ -54,7 +56,6 @@ def _test_metrics(run_dir: str) -> dict:
     """Test metrics of a Pareto trial: evaluated once, cached in its run folder."""
     path = Path(run_dir) / "test_metrics.json"
     if not path.is_file():
-        from recsys.train import evaluate_run
 
         res = evaluate_run(run_dir, "test", progress=False)
         res.write_per_user(Path(run_dir) / "per_user_test.csv", res.user_ids)

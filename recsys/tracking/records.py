@@ -12,6 +12,9 @@ import subprocess
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
+
+from recsys.errors import RecsysError
 
 PACKAGES = ("torch", "transformers", "pytorch-lightning", "torchmetrics", "wandb", "numpy", "scipy", "tokenizers",
             "optuna", "faiss-cpu", "deepspeed", "torchao")
@@ -27,10 +30,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector-instruction flags that decide kernel speed (int8 needs VNNI/AMX, bf16 AVX512-BF16/AMX)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def hardware() -> dict:
-    """CPU model, logical CPUs, torch threads and the accelerator (if any)."""
+    """CPU model and flags, logical CPUs, torch threads and the accelerator (if any)."""
     return {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
@@ -81,19 +100,31 @@ def _jsonable(x):
 def staged_dir(final: Path):
     """Yield a staging folder `<final>.partial` renamed to `final` on success and removed on any failure.
 
-    So a run folder under results/ is either complete or absent: nothing half-written survives an error.
+    So a run folder under results/ is either complete or absent: nothing half-written survives an error. The name
+    is locked while it is written (`<final>.lock`): a second writer of the same name is refused at once, and
+    never removes the first one's staging folder.
     """
-    staging = final.with_name(final.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(final.with_name(final.name + ".lock")))
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RecsysError(f"{final} is being written by another process (locked); choose another name") from None
+    try:
+        staging = final.with_name(final.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a process that died (we hold the name's lock)
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        lock.release()
+        Path(lock.lock_file).unlink(missing_ok=True)  # no lock file left in results/
 
 
 def markdown_table(rows: list[dict], columns: list[str], floatfmt: str = ".4f") -> str:

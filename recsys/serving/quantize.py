@@ -34,14 +34,17 @@ from typing import Callable
 import torch
 from torch import nn
 
+from recsys.config import Int8Backend, ServingPrecision, check_quantize_layers, choices
 from recsys.errors import RecsysError
+from recsys.serving.export import OPSET
 
+# module-path suffixes of the Linear layers behind each quantizable layer name (config.QuantizableLayer)
 LAYERS = {"attention": (".attn.q", ".attn.k", ".attn.v", ".attn.out"), "ffn": (".ffn.up", ".ffn.down"),
           "projection": ("projection",)}
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = choices(ServingPrecision)
+BACKENDS = choices(Int8Backend)
 ROUTES = ("fp32", "fp32-compile", "bf16-compile", "int8-compile", "ort-fp32", "ort-int8")
 ROUTE_OF = {"fp32": "fp32", "bf16": "bf16-compile", "int8": "int8-compile"}  # how each precision is served
-BACKENDS = ("torchao", "onnxruntime")  # int8 kernels: torchao (AMX/VNNI CPUs, GPUs) or ONNX Runtime (any x86)
 DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # the Shape's dtype name
 
 
@@ -50,19 +53,8 @@ def route_for(precision: str, backend: str = "torchao") -> str:
     return "ort-int8" if precision == "int8" and backend == "onnxruntime" else ROUTE_OF[precision]
 
 
-def check_layers(layers: list[str] | tuple[str, ...], backend: str = "torchao") -> None:
-    for name in layers:
-        if name not in LAYERS:
-            raise ValueError(f"quantize_layers: {name!r} cannot be quantized to int8 "
-                             f"(supported: {', '.join(LAYERS)}; embeddings and LayerNorms stay float)")
-    if backend == "onnxruntime" and "projection" in layers:
-        # the exporter writes the projection (a 2-D input) as Gemm, which quantize_dynamic leaves in float
-        raise ValueError("quantize_layers: 'projection' stays float with int8_backend=onnxruntime (its dynamic "
-                         "quantization has no integer Gemm); quantize attention and ffn")
-
-
 def _suffixes(layers, backend: str = "torchao") -> tuple[str, ...]:
-    check_layers(layers, backend)
+    check_quantize_layers(layers, backend)
     return tuple(s for name in layers for s in LAYERS[name])
 
 
@@ -202,7 +194,6 @@ def _onnx_session(tower: nn.Module, example: dict[str, torch.Tensor], int8: bool
                   layers=("attention", "ffn")):
     import onnxruntime as ort
 
-    from recsys.efficiency.export import OPSET
     path = workdir / "tower.onnx"
     torch.onnx.export(tower, (example["input_ids"], example["attention_mask"]), str(path),
                       input_names=["input_ids", "attention_mask"], output_names=["tower_output"], opset_version=OPSET,

@@ -1,35 +1,31 @@
 """`recsys profile`: what a tower at a shape costs — counted, measured and predicted — and how good the
-latency predictor is (`validate`)."""
+latency predictor is (`validate`); and what a trained run's online request is (`online_request`), the one call
+sweeps and benchmarks time."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from recsys.data.registry import load_data
 from recsys.efficiency.cost import cost, online_cost
-from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, served_user_call, threads
-from recsys.efficiency.predictor import (
-    calibrate,
-    calibration_shapes,
-    load_or_build,
-    measure_towers,
-    predict,
-    random_subshape,
-)
+from recsys.efficiency.latency import environment, exclusive, item_throughput, measure, threads
+from recsys.efficiency.predictor import calibrate, calibration_shapes, predict, random_subshape
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
+from recsys.models.encoder import BertEncoder, model_config
+from recsys.models.tower import Tower
+from recsys.runs import load_run
+from recsys.serving.latency_tables import load_or_build, measure_towers
+from recsys.serving.materialize import materialize
+from recsys.serving.quantize import BACKENDS, DTYPE_OF, ROUTE_OF, route_for
+from recsys.serving.routes import request_calls, served_user_call
 
 
 def _dense_shape(encoder: str, seq_len: int) -> Shape:
-    from transformers import AutoConfig
-
-    from recsys.models.encoder import resolve_model_path
-    try:
-        cfg = AutoConfig.from_pretrained(resolve_model_path(encoder))
-    except (OSError, ValueError) as e:
-        raise RecsysError(f"{encoder}: cannot load model config ({str(e).splitlines()[0][:150]})") from None
-    return Shape.dense_from_hf_config(cfg, seq_len=seq_len)
+    return Shape.dense_from_hf_config(model_config(encoder), seq_len=seq_len)
 
 
 def load_shape(path: str | Path) -> Shape:
@@ -45,14 +41,11 @@ def load_shape(path: str | Path) -> Shape:
 
 
 def _tower(shape: Shape, encoder: str):
-    from recsys.models.encoder import BertEncoder
-    from recsys.models.tower import Tower
     enc = BertEncoder.from_pretrained(encoder, shape=shape.replace(output_dim=None, seq_len=128, batch=1))
     return Tower(enc, shape.hidden, shape.output_dim).eval()
 
 
 def _route(precision: str, int8_backend: str) -> str:
-    from recsys.efficiency.quantize import BACKENDS, ROUTE_OF, route_for
     if precision not in ROUTE_OF:
         raise RecsysError(f"--precision: unknown precision {precision!r} (expected {', '.join(ROUTE_OF)})")
     if int8_backend not in BACKENDS:
@@ -66,7 +59,6 @@ def profile(encoder: str = "minilm", shape_path: str | None = None, seq_len: int
     """Params, FLOPs, bytes, measured and predicted online latency, item throughput of one tower, served at
     `precision` (fp32 | bf16 | int8, int8 through `int8_backend`'s kernels); the predictor uses the tables
     calibrated for that serving route."""
-    from recsys.efficiency.quantize import DTYPE_OF
     route = _route(precision, int8_backend)
     dense = _dense_shape(encoder, seq_len)
     shape = load_shape(shape_path).replace(seq_len=seq_len, batch=1) if shape_path else dense.replace(batch=1)
@@ -126,3 +118,29 @@ def validate(encoder: str = "minilm", n_shapes: int = 30, seq_len: int = 128, se
             "threads": env["threads"], "precision": precision, "route": route, "batch": 1, "seq_len": seq_len,
             "calibration": {"attn_scale": tab.attn_scale, "ffn_scale": tab.ffn_scale, "overhead_ms": tab.overhead_ms},
             "versions": env["versions"], "shapes": rows}
+
+
+def online_request(run_dir: str | Path, seq_len: int | None = None,
+                   overrides: list[str] | None = None) -> tuple[Callable[[], object], dict]:
+    """One online request of a run (its materialized user tower served at `compress.precision`, batch 1, then
+    exact retrieval over its catalog) and the compact shape (`shape`), its parameters and online FLOPs.
+    `overrides` change how the run is served (e.g. its data.user_max_tokens), not its weights. The one way
+    every sweep and benchmark measures a run's request."""
+    run_cfg, module = load_run(run_dir, overrides)
+    seq = seq_len or run_cfg.data.user_max_tokens
+    n_items = _catalog_size(run_dir, run_cfg)
+    tower = materialize(module.user_tower)
+    route = route_for(run_cfg.compress.precision, run_cfg.compress.int8_backend)
+    user, search = request_calls(tower, seq, n_items, route, run_cfg.compress.quantize_layers)
+    shape = tower.shape.replace(seq_len=seq, batch=1)
+    c = online_cost(shape, n_items)
+    return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items,
+                                          "shape": shape}
+
+
+def _catalog_size(run_dir: str | Path, run_cfg) -> int:
+    """Items ranked by the run: recorded in metrics.json (runs before that field: the dataset, loaded again)."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    if "catalog_items" in metrics:
+        return int(metrics["catalog_items"])
+    return load_data(run_cfg.data)[1].n_items

@@ -1,0 +1,58 @@
+"""What the benchmark scripts share: train a run or reuse the finished one, time runs' online requests
+interleaved in one process, and write a benchmark JSON stamped with where and when it was measured.
+
+Scripts run as `python experiments/<name>.py`, which puts this folder on the import path (`from common import …`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys.config import load_config, read_yaml
+from recsys.efficiency.latency import Timing, exclusive, interleaved, threads
+from recsys.errors import RecsysError
+from recsys.recipes.profile import online_request
+from recsys.recipes.train import train
+from recsys.tracking.records import environment_record, write_json
+
+__all__ = ["run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
+
+
+def run_matrix(path: str | Path) -> dict[str, list[str]]:
+    """A benchmark's runs from configs/experiments/<name>.yaml: `runs: {name: [dotted overrides]}`."""
+    runs = read_yaml(path).get("runs")
+    if not isinstance(runs, dict) or not all(isinstance(v, list) for v in runs.values()):
+        raise RecsysError(f"{path}: expected 'runs:' mapping each run name to a list of overrides")
+    return {str(k): [str(o) for o in v] for k, v in runs.items()}
+
+
+def train_or_reuse(config: str, overrides: list[str], name: str, results_dir: str | Path = "results") -> Path:
+    """results/runs/<name>: trained from `config` + `overrides` unless it already holds metrics.json."""
+    run = Path(results_dir) / "runs" / name
+    if not (run / "metrics.json").is_file():
+        print(f"== training {name}", flush=True)
+        train(load_config(config, [*overrides, f"tracking.results_dir={results_dir}", f"tracking.run_name={name}",
+                                   "tracking.progress_bar=false"]))
+    return run
+
+
+def time_requests(runs: dict[str, tuple[str | Path, list[str] | None]], rounds: int = 20, per_round: int = 5,
+                  seq_len: int | None = None) -> tuple[dict[str, Timing], dict[str, dict]]:
+    """Each named run's online request (`recsys.recipes.profile.online_request`; overrides say how it is served,
+    e.g. compress.precision=int8 or data.user_max_tokens=64), timed interleaved A, B, A, B … in one process
+    under the measurement lock, so this machine's drift hits all alike. Returns (timings, counted costs)."""
+    calls, costs = {}, {}
+    for name, (run, overrides) in runs.items():
+        calls[name], costs[name] = online_request(run, seq_len, overrides)
+    print("== measuring online latency, interleaved", flush=True)
+    with threads(None), exclusive():
+        return interleaved(calls, rounds=rounds, per_round=per_round), costs
+
+
+def stamp() -> dict:
+    """Where and when: date, machine (CPU model and flags, threads), package versions, git commit."""
+    return environment_record()
+
+
+def write_benchmark(path: str | Path, payload: dict) -> None:
+    """Write results/benchmarks/<name>.json: the payload plus its stamp."""
+    write_json(Path(path), {**payload, **stamp()})

@@ -1,0 +1,217 @@
+"""The train recipe: the typed function behind `recsys train`.
+
+`train(cfg)` prepares what the module needs (`prepare_module`: teacher, cached item embeddings, importance
+scores, latency tables), fits a two-tower model, keeps the best checkpoint by validation NDCG@10, evaluates it
+on the test split and writes `results/runs/<name>/` (resolved config, metrics, per-user metrics, CSV log,
+checkpoint, environment record). A notebook can call these functions directly.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+from recsys.config import RunConfig, save_config
+from recsys.data.registry import dataset_slug, load_data
+from recsys.errors import RecsysError
+from recsys.losses.penalties import CostNormaliser
+from recsys.models.datamodule import RecDataModule
+from recsys.models.encoder import load_tokenizer, resolve_model_path
+from recsys.models.importance import init_gates_by_importance, prune_by_importance
+from recsys.models.tower import encode_texts
+from recsys.models.two_tower import MONITOR
+from recsys.recipes.evaluate import evaluate_module
+from recsys.runs import build_module, check_lengths, init_weights
+from recsys.serving.latency_tables import load_or_build
+from recsys.serving.quantize import route_for
+from recsys.tracking.records import environment_record, staged_dir, write_json
+
+
+class Throughput(pl.Callback):
+    """Times training batches: examples/s of the optimisation steps, validation excluded."""
+
+    def __init__(self):
+        self.examples, self.seconds, self._t = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._t
+        self.examples += batch["user"]["input_ids"].shape[0]
+
+    @property
+    def rate(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+class Diverged(RecsysError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnDivergence(pl.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise Diverged(f"training diverged: loss is {float(loss)} at step {trainer.global_step}")
+
+
+def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
+    from pytorch_lightning.loggers import CSVLogger
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="log")]
+    mode = os.environ.get("WANDB_MODE", cfg.tracking.wandb)
+    if mode != "disabled":
+        from pytorch_lightning.loggers import WandbLogger
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        # mode passed explicitly: wandb reads $WANDB_MODE once per process, so a W&B run started earlier in this
+        # process (a sweep's summary) would otherwise fix it, online without a key
+        loggers.append(WandbLogger(project=cfg.tracking.wandb_project, name=name, save_dir=str(run_dir),
+                                   group=cfg.tracking.wandb_group, config=cfg.to_dict(), mode=mode))
+    return loggers
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    """A Lightning Trainer; options Lightning rejects (accelerator, devices, strategy, precision) are user errors."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    try:
+        return pl.Trainer(**kwargs)
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise RecsysError(f"train.accelerator/devices/strategy/precision: Lightning rejected them ({msg})") from None
+
+
+def _finish(trainer: pl.Trainer, status: str = "success") -> None:
+    """Close the loggers; end the W&B run so the next `train` in this process starts its own."""
+    for lg in trainer.loggers:
+        lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+            wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def prepare_module(module, dm, cfg: RunConfig) -> None:
+    """What the LightningModule needs from outside, prepared before fitting: a frozen item tower's catalog
+    embeddings, the teacher's, the dense model's importance scores (post-hoc pruning, or importance-initialised
+    gates) and the cost model of the gated towers (latency tables measured on this device, for the route the
+    tower will be served by)."""
+
+
+    if cfg.model.freeze_item_tower:
+        module.set_item_cache(encode_texts(module.item_tower, dm.tokenizer, dm.item_texts, cfg.data.item_max_tokens,
+                                           cfg.train.eval_batch_size, desc="encode items", progress=False))
+    if module.distiller is not None:
+        module.distiller.cache_items(dm.item_texts, dm.tokenizer, cfg.data.item_max_tokens)
+    c = cfg.compress
+    if c.prune_ratio is not None or c.importance_init:
+        batches = list(islice(dm.train_dataloader(), c.prune_batches))  # scored on the dense model's training loss
+        if c.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
+            kept = prune_by_importance(module, batches, c.prune_ratio)
+            print(f"pruned by importance: kept {kept}", flush=True)
+        else:
+            scores = init_gates_by_importance(module, batches, c.gate_init, c.importance_spread)
+            print(f"gates initialised by importance: {', '.join(scores)}", flush=True)
+    if module.costed:
+        user_base = module.user_tower.shape.replace(seq_len=cfg.data.user_max_tokens, batch=1)
+        needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
+        tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend))
+                  if needs_latency else None)
+        item = None
+        if module.separate and module.item_tower.gates is not None:
+            item = CostNormaliser(module.item_tower.shape.replace(seq_len=cfg.data.item_max_tokens))
+        module.set_costs(CostNormaliser(user_base, dm.split.n_items, tables), item)
+
+
+def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> dict:
+    """Fit, select the best checkpoint on validation NDCG@10 (a gated run: its final model), test it (unless
+    `test` is False: a sweep tests only its Pareto trials, after the search), and write the run folder.
+    `callbacks` are extra Lightning callbacks (a sweep's pruning reporter)."""
+
+
+    ds, split = load_data(cfg.data)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    check_lengths(cfg, module)
+    if cfg.model.init_from:
+        init_weights(module, cfg.model.init_from)
+    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train, tokenize_items=not cfg.model.freeze_item_tower)
+    prepare_module(module, dm, cfg)
+    name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    final = Path(cfg.tracking.results_dir) / "runs" / name
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # a DDP worker process: rank 0 alone writes the run
+        final = Path(tempfile.mkdtemp(prefix="recsys-rank-")) / name
+    elif final.exists() and not cfg.tracking.overwrite:  # checked before anything is written
+        raise RecsysError(f"run {final} exists: choose another tracking.run_name, or tracking.overwrite=true to "
+                          "replace it")
+    progress = cfg.tracking.progress_bar
+    with staged_dir(final) as run_dir:
+        save_config(cfg, run_dir / "config.yaml")
+        # A gated run keeps its final model: the best validation score of a run that is being pruned is its
+        # densest early checkpoint, and the budget is only met at the end.
+        gated = bool(cfg.compress.gates)
+        ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=None if gated else MONITOR,
+                               mode="max", save_top_k=1, save_weights_only=True)
+        speed = Throughput()
+        callbacks = [ckpt, speed, StopOnDivergence(), *(callbacks or [])]
+        if not gated:
+            callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
+        vci = cfg.train.val_check_interval
+        trainer = _trainer(
+            max_epochs=cfg.train.epochs,
+            max_time=({"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None),
+            accelerator=cfg.train.accelerator, devices=cfg.train.devices, strategy=cfg.train.strategy,
+            precision=cfg.train.precision, gradient_clip_val=cfg.train.grad_clip or None,
+            val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,
+            reload_dataloaders_every_n_epochs=1, logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
+            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+            default_root_dir=str(run_dir), deterministic=False,
+        )
+        t0 = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=dm)
+        except BaseException:
+            _finish(trainer, "failed")
+            raise
+        fit_minutes = (time.perf_counter() - t0) / 60
+        if not trainer.is_global_zero:
+            return {}
+        best = ckpt.best_model_path
+        if best:
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        module.to("cpu")
+        results = evaluate_module(module, dm, ("val", "test") if test else ("val",), progress)
+        val = results["val"]
+        val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
+        best_score = ckpt.best_model_score  # None for a gated run (it keeps its final model)
+        metrics = {"val": val.metrics, "best_val_ndcg@10": None if best_score is None else float(best_score),
+                   "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
+                   "train_examples_per_s": speed.rate, "evaluated_users": int(len(val.users)),
+                   "catalog_items": int(split.n_items)}
+        if test:
+            results["test"].write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
+            metrics["test"] = results["test"].metrics
+            metrics["evaluated_users"] = int(len(results["test"].users))
+        if module.gated:
+            metrics["structure"] = module.structure_report()
+            budget = metrics["structure"].get("budget")
+            if budget and not budget["met"]:
+                print(f"warning: budget missed: {budget['metric']} ratio {budget['achieved']:.3f} > target "
+                      f"{budget['target']} + tolerance {budget['tolerance']}", file=sys.stderr)
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
+        _finish(trainer)
+    return {"run_dir": str(final), **metrics}
+
+
+# --- evaluate -----------------------------------------------------------------------------------------------
+
+
