@@ -117,8 +117,12 @@ def cmd_sweep(args) -> None:
     if args.workers < 1:
         raise RecsysError(f"--workers must be >= 1, got {args.workers}")
     extra = [*args.overrides, *(["--baseline", args.baseline] if args.baseline else [])]
-    summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=extra,
-                    report=not args.no_report)
+    try:
+        summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=extra,
+                        report=not args.no_report)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the running trial is marked FAIL (interrupted); run the same command again to "
+                                f"resume study {cfg.study!r}") from None
     if summary is None:
         return
     if args.baseline == "posthoc":
@@ -244,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk, a read-only or forbidden results folder: the path and the OS's reason
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):

@@ -322,3 +322,35 @@ def test_a_sweep_whose_trials_all_failed_exits_non_zero(tmp_path, tiny_model, ca
     assert main(["sweep", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "every trial of study 'test' failed (1)" in err and "trials.csv" in err
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_marks_the_trial_interrupted_and_says_how_to_resume(tmp_path, tiny_model):
+    """SIGINT (Ctrl-C) while a trial trains: the trial is FAIL with reason "interrupted" (not left RUNNING for a
+    later "worker died"), the command exits 130 with one line saying how to resume, and resuming completes."""
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=1, overrides=["train.epochs=20"])
+    folder = tmp_path / "results" / "sweeps" / "test"
+    proc = subprocess.Popen(_sweep_cmd(cfg), env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_running_trial(folder / "journal.log", "test")
+    time.sleep(3.0)  # inside the trial (data, model or training)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "run the same command again to resume study 'test'" in last
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
+    (trial,) = optuna.load_study(study_name="test", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+
+
+def test_each_finished_trial_prints_one_progress_line(tmp_path, tiny_model, capsys):
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=2)
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("trial ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("trial 0 done in ") and "lambda_params=" in lines[0] and "ndcg@10 " in lines[0]
+    assert "1/2 complete, ETA" in lines[0] and "2/2 complete, ETA 0 min" in lines[1]

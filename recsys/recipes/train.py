@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -178,6 +179,12 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
         t0 = time.perf_counter()
         try:
             trainer.fit(module, datamodule=dm)
+        except SystemExit:  # Lightning answers Ctrl-C with exit(1) (SIGINT ignored from then on)
+            _finish(trainer, "failed")
+            if trainer.interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt from None
+            raise
         except BaseException:
             _finish(trainer, "failed")
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -255,10 +256,16 @@ def reap_stale(study) -> int:
     return n
 
 
+def _not_a_trial_failure(record) -> bool:
+    return "failed with parameters" not in record.getMessage()
+
+
 def open_study(cfg: SweepConfig):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures are reported by run_worker, one line each
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Optuna's warnings show; its per-trial INFO lines do not
+    # a failed trial is reported by run_worker in one line; Optuna's own report of it carries a traceback
+    logging.getLogger("optuna.study._optimize").addFilter(_not_a_trial_failure)
     storage = make_storage(cfg)
     try:
         study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),

@@ -112,15 +112,21 @@ def run_worker(cfg: SweepConfig) -> int:
             trial.set_user_attr("worker", _worker_id())
             lock.__exit__(None, None, None)  # the trial exists (RUNNING): other workers may count it now
             held = False
+            t0 = time.perf_counter()
             try:
-                return run_trial(trial, cfg)
+                values = run_trial(trial, cfg)
             except optuna.TrialPruned:
+                raise
+            except KeyboardInterrupt:  # Optuna marks it FAIL and re-raises: the study resumes from the next one
+                trial.set_user_attr("fail_reason", "interrupted")
                 raise
             except Exception as e:
                 reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 trial.set_user_attr("fail_reason", reason)
                 print(f"trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
                 raise
+            progress(study, cfg, trial, values, (time.perf_counter() - t0) / 60)
+            return values
 
         try:
             if cfg.storage:  # RDB: heartbeats find stale trials, the retry callback queues them again
@@ -143,6 +149,20 @@ def run_worker(cfg: SweepConfig) -> int:
             if held:
                 lock.__exit__(None, None, None)
     return ran
+
+
+def progress(study, cfg: SweepConfig, trial, values: list[float], minutes: float) -> None:
+    """One line per finished trial: its parameters, objectives, minutes, and the study's count and ETA."""
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    mean = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60 / max(1, len(done))
+    left = max(0, cfg.n_trials - len(done) - 1)  # this trial is not COMPLETE until the objective returns
+    params = ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                       for k, v in trial.params.items())
+    objectives = ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.objectives, values, strict=True))
+    print(f"trial {trial.number} done in {minutes:.1f} min: {params} → {objectives}; "
+          f"{len(done) + 1}/{cfg.n_trials} complete, ETA {left * (mean or minutes):.0f} min", flush=True)
 
 
 def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, overrides: list[str] | None = None,
