@@ -27,12 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config(args) -> "RunConfig":  # noqa: F821
-    from recsys.config import load_config
+    """The verb's resolved config; with --print-config it is printed (with what each key does) instead."""
+    from recsys.config import describe, load_config
     overrides = list(args.overrides)
     for flag, key in (("dataset", "data.name"), ("path", "data.path"), ("data_dir", "data.data_dir")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "print_config", False):
+        print(describe(cfg))
+        raise SystemExit(0)
+    return cfg
 
 
 def cmd_data(args) -> None:
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--path", help="shortcut for data.path=")
         s.add_argument("--data-dir", help="shortcut for data.data_dir=")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (every key, its value and what it does) and exit")
         if verb == "baselines":
             s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot")
         s.set_defaults(func=func)

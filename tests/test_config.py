@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from recsys.config import RunConfig, load_config, parse_overrides
 from recsys.errors import RecsysError
@@ -72,3 +73,24 @@ def test_precision_and_distillation_weight_are_sweep_dimensions(tmp_path, monkey
     (tmp_path / "bad.yaml").write_text(body.replace("distill.alpha", "distill.alfa"))
     with pytest.raises(RecsysError, match="distill.alfa"):
         load_sweep(tmp_path / "bad.yaml")
+
+
+def test_print_config_lists_every_key_with_its_value_and_doc(capsys):
+    """`recsys train --print-config`: the resolved config (file + overrides), every key, each with a comment."""
+    import dataclasses
+
+    from recsys.cli import main
+    from recsys.config import RunConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--config", str(REPO / "configs" / "ml100k.yaml"), "train.lr=3e-5", "--print-config"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["train"]["lr"] == 3e-5 and yaml.safe_load(out)["data"]["name"] == "ml-100k"
+    lines = out.splitlines()
+    for section in dataclasses.fields(RunConfig):
+        keys = [f.name for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                                   else type(getattr(RunConfig(), section.name)))]
+        for key in keys:
+            line = next(ln for ln in lines if ln.startswith(f"  {key}:"))
+            assert "  # " in line and len(line.split("  # ", 1)[1]) > 5, line  # a one-line doc
