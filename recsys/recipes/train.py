@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from recsys.config import RunConfig, save_config
 from recsys.data.registry import dataset_slug, load_data
+from recsys.efficiency.latency import exclusive, measure, threads
 from recsys.errors import RecsysError
 from recsys.losses.penalties import CostNormaliser
 from recsys.models.datamodule import RecDataModule
@@ -32,7 +33,9 @@ from recsys.models.two_tower import MONITOR
 from recsys.recipes.evaluate import evaluate_module
 from recsys.runs import build_module, check_lengths, init_weights
 from recsys.serving.latency_tables import load_or_build
+from recsys.serving.materialize import materialize
 from recsys.serving.quantize import route_for
+from recsys.serving.routes import request_calls
 from recsys.tracking.records import environment_record, staged_dir, write_json
 
 
@@ -78,6 +81,34 @@ def _loggers(cfg: RunConfig, run_dir: Path, name: str) -> list:
         loggers.append(WandbLogger(project=cfg.tracking.wandb_project, name=name, save_dir=str(run_dir),
                                    group=cfg.tracking.wandb_group, config=cfg.to_dict(), mode=mode))
     return loggers
+
+
+def _online_latency(module, cfg: RunConfig, n_items: int) -> dict:
+    """The run's online request measured once at the end of training (materialized user tower at batch 1 and
+    its token budget, served at compress.precision, + exact retrieval): median and p90 ms on this machine."""
+    tower = materialize(module.user_tower)
+    user, search = request_calls(tower, cfg.data.user_max_tokens, n_items,
+                                 route_for(cfg.compress.precision, cfg.compress.int8_backend),
+                                 cfg.compress.quantize_layers)
+    with threads(None), exclusive():
+        t = measure(lambda: (user(), search()), min_seconds=1.0)
+    return {"median": t.p50, "p90": t.p90, "route": route_for(cfg.compress.precision, cfg.compress.int8_backend)}
+
+
+def wandb_summary(metrics: dict, cfg: RunConfig) -> dict:
+    """Flat W&B summary keys: final val/test metrics, the structure report (shape, cost ratios, budget met),
+    the measured online latency and the resolved config."""
+    out = {f"final/{stage}/{k}": v for stage in ("val", "test") for k, v in metrics.get(stage, {}).items()}
+    if "online_latency_ms" in metrics:
+        out.update({f"online_latency_ms/{k}": v for k, v in metrics["online_latency_ms"].items()})
+    structure = metrics.get("structure")
+    if structure:
+        out["structure/user_shape"] = structure["user_shape"]
+        out.update({f"structure/user_ratio/{k}": v for k, v in structure["user_ratios"].items()})
+        if "budget" in structure:
+            out.update({f"structure/budget/{k}": v for k, v in structure["budget"].items()})
+    out["config"] = cfg.to_dict()
+    return out
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -213,6 +244,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
             if budget and not budget["met"]:
                 print(f"warning: budget missed: {budget['metric']} ratio {budget['achieved']:.3f} > target "
                       f"{budget['target']} + tolerance {budget['tolerance']}", file=sys.stderr)
+        wandb_logger = next((lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"), None)
+        if wandb_logger is not None:  # the run's W&B summary: what a reader of the dashboard looks for
+            metrics["online_latency_ms"] = _online_latency(module, cfg, split.n_items)
+            wandb_logger.experiment.summary.update(wandb_summary(metrics, cfg))
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
         _finish(trainer)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.config import load_config
 from recsys.recipes.evaluate import evaluate_run
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.study import OBJECTIVES, SweepConfig, open_study
@@ -178,15 +179,18 @@ def _figures(study, cfg: SweepConfig, ref: dict[str, float], out: Path) -> None:
 
 
 def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
+    """The trials table as a W&B run in the study's group, in the base config's tracking.wandb mode and
+    tracking.wandb_project (as its trials; $WANDB_MODE wins)."""
     import os
 
-    mode = os.environ.get("WANDB_MODE", "offline")
+    tracking = load_config(cfg.base_config, cfg.overrides).tracking
+    mode = os.environ.get("WANDB_MODE", tracking.wandb)
     if mode == "disabled":
         return
     import wandb
 
-    run = wandb.init(project="recsys", group=cfg.study, name=f"{cfg.study}-summary", job_type="sweep-summary",
-                     dir=str(cfg.folder), mode=mode, reinit="finish_previous")
+    run = wandb.init(project=tracking.wandb_project, group=cfg.study, name=f"{cfg.study}-summary",
+                     job_type="sweep-summary", dir=str(cfg.folder), mode=mode, reinit="finish_previous")
     run.log({"trials": wandb_table(rows)})
     run.finish()
 
