@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from recsys.config import RunConfig
 from recsys.data.registry import dataset_slug, load_data
 from recsys.errors import RecsysError
@@ -16,6 +18,8 @@ from recsys.models.tower import encode_texts, tower_scorers
 from recsys.retrieval.evaluate import EvalResult, evaluate
 from recsys.retrieval.metrics import METRIC_COLUMNS
 from recsys.runs import check_lengths, load_run
+from recsys.serving.materialize import materialize
+from recsys.serving.quantize import simulate_int8
 from recsys.tracking.records import markdown_table
 
 
@@ -27,10 +31,22 @@ def evaluate_module(module, dm, stages=("val", "test"), progress: bool = True) -
     return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
 
 
+def served_tower(tower, cfg: RunConfig):
+    """The tower as its route serves it, for evaluation: materialized, int8 simulated as its kernels compute
+    (ONNX Runtime's scheme to 1e-5; torchao's real kernels), bf16 cast; fp32 as it is."""
+    precision, backend = cfg.compress.precision, cfg.compress.int8_backend
+    compact = materialize(tower) if tower.gates is not None else tower
+    if precision == "int8":
+        return simulate_int8(compact, cfg.compress.quantize_layers, backend)
+    return compact.to(torch.bfloat16) if precision == "bf16" else compact
+
+
 def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
-                 overrides: list[str] | None = None) -> EvalResult:
+                 overrides: list[str] | None = None, served: bool = False) -> EvalResult:
     """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config (and dotted
-    `overrides`, e.g. data.user_max_tokens=64 to read shorter user texts)."""
+    `overrides`, e.g. data.user_max_tokens=64 to read shorter user texts). `served`: the towers as
+    compress.precision serves them (e.g. overrides compress.precision=int8 compress.int8_backend=onnxruntime:
+    the accuracy of post-training int8)."""
 
     if stage not in ("val", "test"):
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
@@ -38,6 +54,13 @@ def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
     check_lengths(cfg, module)
     ds, split = load_data(cfg.data)
     dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
+    if served:
+        user = served_tower(module.user_tower, cfg)
+        item = user if module.item_tower is module.user_tower else served_tower(module.item_tower, cfg)
+        scorer = tower_scorers(user, item, dm.tokenizer, dm.item_texts, split, cfg.data, (stage,),
+                               cfg.train.eval_batch_size, progress)[stage]
+        return replace(evaluate(scorer, split, stage, cfg.train.eval_batch_size, progress=progress),
+                       user_ids=ds.user_ids)
     return replace(evaluate_module(module, dm, (stage,), progress)[stage], user_ids=ds.user_ids)
 
 
