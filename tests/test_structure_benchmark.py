@@ -51,6 +51,22 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
     steps = res["training_steps"]
     assert steps["lambda_search"]["per_trial_mean"] == steps["posthoc"]["per_trial_mean"]  # equal compute
     assert (tmp_path / "front.png").is_file()
+    # carried to a fresh machine: the saved state alone (no checkpoints) resumes both studies and their report
+    state = tmp_path / "state"
+    for action in ("save", "restore"):
+        if action == "restore":
+            import shutil
+            shutil.rmtree(tmp_path / "results" / "sweeps")
+        done = subprocess.run([sys.executable, "experiments/study_state.py", action, "--config", str(cfg), "--state",
+                               str(state)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((tmp_path / "results" / "sweeps").rglob("*.ckpt"))
+    again = subprocess.run([sys.executable, "experiments/ml100k_pareto.py", "--config", str(cfg), "--out",
+                            str(tmp_path / "again.json"), "--figure", str(tmp_path / "again.png")], cwd=REPO,
+                           capture_output=True, text=True, timeout=1200, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((tmp_path / "again.json").read_text())
+    assert resumed["hypervolume"] == res["hypervolume"] and resumed["pareto"] == res["pareto"]
     structure = subprocess.run([sys.executable, "experiments/ml100k_structure.py", "--config", str(cfg), "--seeds",
                                 "0", "--share", "0", "--out", str(tmp_path / "structure.json")], cwd=REPO,
                                capture_output=True, text=True, timeout=1200, env=env)

@@ -28,7 +28,7 @@ import torch
 
 from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.shape import LayerShape, Shape
-from recsys.tracking.records import cpu_model
+from recsys.tracking.records import cpu_flags, cpu_model
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"
 SEQ_GRID = (16, 32, 64, 128, 256)
@@ -83,8 +83,10 @@ TABLES_VERSION = 4  # bump when the table format or the calibration changes: cac
 
 
 def device_key(dtype: str = "float32", n_threads: int | None = None) -> dict:
-    return {"version": TABLES_VERSION, "cpu": cpu_model(), "threads": n_threads or torch.get_num_threads(),
-            "dtype": dtype,
+    """What a table's numbers depend on. The CPU's vector flags are part of it: machines that report the same
+    model name ("AMD EPYC") have come with AVX2 only and with AVX-512 VNNI/BF16, at very different speeds."""
+    return {"version": TABLES_VERSION, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+            "threads": n_threads or torch.get_num_threads(), "dtype": dtype,
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -53,7 +53,7 @@ def pareto_front(trials, directions: list[str]) -> list:
             if not any((w >= v).all() and (w > v).any() for w in vals)]
 
 
-def _test_metrics(run_dir: str) -> dict:
+def test_metrics(run_dir: str) -> dict:
     """Test metrics of a Pareto trial: evaluated once, cached in its run folder."""
     path = Path(run_dir) / "test_metrics.json"
     if not path.is_file():
@@ -104,7 +104,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
         for t, p in zip(pareto, points, strict=True):
             prow.append({"trial": t.number, **{f"val_{o}": t.values[i] for i, o in enumerate(cfg.objectives)},
                          **{f"norm_{o}": p[i] for i, o in enumerate(cfg.objectives)},
-                         **{f"test_{k}": v for k, v in _test_metrics(t.user_attrs["run_dir"]).items()},
+                         **{f"test_{k}": v for k, v in test_metrics(t.user_attrs["run_dir"]).items()},
                          **_params(cfg, t), "run_dir": t.user_attrs["run_dir"]})
         _write_csv(folder / "pareto.csv", prow)
         timed = [t for t in done if since is None or (t.datetime_start and t.datetime_start >= since)]
