@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys.config import load_config, read_yaml
-from recsys.efficiency.latency import Timing, exclusive, interleaved, threads
-from recsys.errors import RecsysError
-from recsys.recipes.profile import online_request
-from recsys.recipes.train import train
-from recsys.tracking.records import environment_record, write_json
+from recsys.tracking.quiet import quiet_third_party
+
+quiet_third_party()  # before torch, Lightning and transformers are imported: their import-time noise too
+
+from recsys.config import load_config, read_yaml  # noqa: E402
+from recsys.efficiency.latency import Timing, exclusive, interleaved, threads  # noqa: E402
+from recsys.errors import RecsysError  # noqa: E402
+from recsys.recipes.profile import online_request  # noqa: E402
+from recsys.recipes.train import train  # noqa: E402
+from recsys.tracking.records import environment_record, write_json  # noqa: E402
 
 __all__ = ["run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
 

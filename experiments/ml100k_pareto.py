@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_benchmark
+
 from recsys.errors import RecsysError
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import compare_fronts
 from recsys.search.study import load_sweep
 from recsys.search.sweep import sweep
-from recsys.tracking.records import environment_record, write_json
+from recsys.tracking.records import write_json
 
 
 def _points(summary: dict, objectives: list[str]) -> list[tuple[float, float]]:
@@ -112,7 +114,6 @@ def main(argv=None) -> int:
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    env = environment_record()
     pareto = [{"trial": p["trial"], "params": {k[6:]: v for k, v in p.items() if k.startswith("param_")},
                "val": {k[4:]: v for k, v in p.items() if k.startswith("val_")},
                "test": {k[5:]: v for k, v in p.items() if k.startswith("test_")},
@@ -149,8 +150,8 @@ def main(argv=None) -> int:
            **timing,
            "trial_minutes": {"lambda_search": lam.get("trial_minutes"), "posthoc": post.get("trial_minutes")},
            "training_steps": {"lambda_search": training_steps(cfg), "posthoc": training_steps(post_cfg)},
-           "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]}
-    write_json(Path(args.out), out)
+           }
+    write_benchmark(args.out, out)
     figure(lam, post, cfg.objectives, Path(args.figure))
     print(json.dumps(out["hypervolume"]), f"→ {args.out}, {args.figure}")
     return 0

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
+from common import write_benchmark
 
 from recsys.config import load_config
 from recsys.errors import RecsysError
 from recsys.recipes.train import train
-from recsys.tracking.records import environment_record, write_json
 
 DENSE = "results/runs/ml-100k-bench-seed0"
 COMMON = ["compress.budget_metric=latency", "compress.budget_target=0.5", "compress.importance_init=true",
@@ -61,9 +60,7 @@ def main(argv=None) -> int:
     first = rows["items_trained"]["examples_per_s"]
     for row in rows.values():
         row["speedup_vs_items_trained"] = row["examples_per_s"] / first
-    env = environment_record()
-    write_json(Path(args.out), {"dataset": "ml-100k", "batch_size": batch, "user_tokens": 64, "variants": rows,
-                                "hardware": env["hardware"], "versions": env["versions"], "git": env["git"]})
+    write_benchmark(args.out, {"dataset": "ml-100k", "batch_size": batch, "user_tokens": 64, "variants": rows})
     print({k: round(v["speedup_vs_items_trained"], 2) for k, v in rows.items()}, f"→ {args.out}")
     return 0
 

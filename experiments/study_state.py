@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import common  # noqa: F401  (quiets third-party noise before torch loads)
+
 from recsys.errors import RecsysError
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.posthoc import posthoc_config

@@ -44,3 +44,12 @@ def tiny_run_args(tiny_model: str, root: Path) -> list[str]:
 def small_synthetic_args(tmp_path, tiny_model) -> list[str]:
     """`tiny_run_args` under tmp_path, as run `t`."""
     return [*tiny_run_args(tiny_model, tmp_path), "tracking.run_name=t"]
+
+
+def train_run(args: list[str], root: Path, name: str, *extra: str) -> Path:
+    """`recsys train` in-process as run `name` (any run name in `args` replaced); its folder under root/results."""
+    from recsys.cli import main
+
+    args = [a for a in args if not a.startswith("tracking.run_name")]
+    assert main(["train", *args, f"tracking.run_name={name}", *extra]) == 0
+    return root / "results" / "runs" / name

@@ -610,3 +610,51 @@ def test_process_train_bad_model_path(tmp_path, small_synthetic_args):
     assert p.returncode == 2 and p.stdout == ""
     assert_contains(one_error_line(p.stderr), "/nonexistent/model", "does not exist")
     assert files_under(tmp_path) == []  # nothing under results/ (nor anywhere else in the working folder)
+
+
+# --- run names, dropped items, noise ---------------------------------------------------------------------------
+
+
+def test_a_taken_run_name_destroys_nothing(capsys, small_synthetic_args, tmp_path):
+    """A finished run is replaced only with tracking.overwrite=true; a name being written (locked) is refused
+    without touching its staging folder."""
+    from filelock import FileLock
+
+    assert main(["train", *small_synthetic_args]) == 0
+    capsys.readouterr()
+    run = tmp_path / "results" / "runs" / "t"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    line = fails(capsys, "train", *small_synthetic_args)
+    assert_contains(line, f"run {run} exists", "tracking.run_name", "tracking.overwrite=true")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    staging = write(tmp_path / "results" / "runs" / "other.partial" / "checkpoints" / "x.ckpt", b"in progress")
+    with FileLock(str(tmp_path / "results" / "runs" / "other.lock")):  # another process is writing "other"
+        line = fails(capsys, "train", *[a for a in small_synthetic_args if not a.startswith("tracking.run_name")],
+                     "tracking.run_name=other")
+    assert_contains(line, "other", "is being written by another process")
+    assert staging.read_bytes() == b"in progress"
+    assert main(["train", *small_synthetic_args, "tracking.overwrite=true", "train.seed=1"]) == 0
+    assert (run / "config.yaml").read_text() != before[run / "config.yaml"].decode()
+
+
+def test_interactions_with_items_without_text_are_counted_aloud(capsys, tmp_path):
+    items = "item_id,text\ni1,hello world\ni2,good night\ni3,third item\ni4,\n"
+    rows = "".join(f"u{u},i{1 + (u + k) % 3},{10 * k}\n" for u in range(4) for k in range(3)) + "u0,i4,99\nu1,i4,98\n"
+    folder = custom(tmp_path / "mine", "user_id,item_id,timestamp\n" + rows, items)
+    rc = main(["baselines", "--dataset", "custom", "--path", str(folder), "--models", "popularity",
+               f"tracking.results_dir={tmp_path / 'results'}"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert warnings == ["warning: dataset 'custom': 2 interactions dropped because their item has no text "
+                        "(3 items with text kept)"]
+
+
+def test_commands_start_without_third_party_noise(tmp_path, small_synthetic_args):
+    """A training run prints none of torchao's, torch's or Lightning's known noise unless --verbose."""
+    noise = ("Failed to load", "register_constant", "litlogger", "LeafSpec", "GPU available")
+    quiet = run_process(["train", *small_synthetic_args], tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert not [n for n in noise if n in quiet.stdout + quiet.stderr]
+    loud = run_process(["--verbose", "train", *small_synthetic_args, "tracking.overwrite=true"], tmp_path)
+    assert loud.returncode == 0 and any(n in loud.stdout + loud.stderr for n in noise)

@@ -1,10 +1,9 @@
 """End to end: λ-penalised and budget-mode training with gates, the structure report, export in every format."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args
+from conftest import tiny_run_args, train_run
 
 from recsys.cli import main
 from recsys.models.encoder import load_tokenizer
@@ -14,17 +13,11 @@ from recsys.serving.export import load_tower, run_exported
 GATES = "compress.gates=[heads,ffn,blocks,output]"
 
 
-def _train(args, tmp_path, name, *extra) -> Path:
-    args = [a for a in args if not a.startswith("tracking.run_name")]
-    assert main(["train", *args, f"tracking.run_name={name}", *extra]) == 0
-    return tmp_path / "results" / "runs" / name
-
-
 @pytest.fixture(scope="module")
 def penalised_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("penalised")
     args = tiny_run_args(tiny_model, tmp)
-    run = _train(args, tmp, "lam", GATES, "model.projection_dim=16", "compress.lambda_flops=3.0",
+    run = train_run(args, tmp, "lam", GATES, "model.projection_dim=16", "compress.lambda_flops=3.0",
                  "compress.lambda_latency=1.0", "compress.gate_lr=0.5")
     return run, args, tmp
 
@@ -44,7 +37,7 @@ def test_penalties_shrink_the_model_and_are_reported(penalised_run):
 
 def test_budget_mode_reports_its_outcome(penalised_run):
     _, args, tmp = penalised_run
-    run = _train(args, tmp, "budget", GATES, "model.projection_dim=16", "compress.budget_metric=params",
+    run = train_run(args, tmp, "budget", GATES, "model.projection_dim=16", "compress.budget_metric=params",
                  "compress.budget_target=0.9", "compress.budget_warmup=0.3", "compress.gate_lr=0.5",
                  "compress.lagrangian_lr=0.5")
     b = json.loads((run / "metrics.json").read_text())["structure"]["budget"]
@@ -78,7 +71,7 @@ def test_export_formats_reproduce_the_gated_embeddings(penalised_run, tiny_model
 def test_hf_export_loads_with_plain_automodel(penalised_run, tmp_path):
     """With only output-dim gates the compact encoder is a plain BERT: AutoModel loads it."""
     _, args, tmp = penalised_run
-    run = _train(args, tmp, "outonly", "compress.gates=[output]", "compress.lambda_params=1.0",
+    run = train_run(args, tmp, "outonly", "compress.gates=[output]", "compress.lambda_params=1.0",
                  "compress.gate_lr=0.5")
     out = tmp_path / "hf"
     assert main(["export", str(run), "--output", str(out)]) == 0
@@ -110,8 +103,8 @@ def test_export_bad_input(penalised_run, small_synthetic_args, tmp_path, capsys)
 def test_posthoc_pruning_then_frozen_recovery(penalised_run, tiny_model):
     """compress.prune_ratio prunes the dense run by importance once, then trains with the structure fixed."""
     _, args, tmp = penalised_run
-    dense = _train(args, tmp, "dense")
-    run = _train(args, tmp, "posthoc", f"model.init_from={dense}", "compress.gates=[heads,ffn]",
+    dense = train_run(args, tmp, "dense")
+    run = train_run(args, tmp, "posthoc", f"model.init_from={dense}", "compress.gates=[heads,ffn]",
                  "compress.ffn_group=8", "compress.prune_ratio=0.5", "compress.prune_batches=2")
     shape = json.loads((run / "metrics.json").read_text())["structure"]["user_shape"]
     assert sum(len(layer["heads"]) for layer in shape["layers"]) == 4  # half of 2 × 4 heads
@@ -121,7 +114,7 @@ def test_posthoc_pruning_then_frozen_recovery(penalised_run, tiny_model):
     _, module = load_run(run)
     assert module.user_tower.gates.heads.log_alpha.abs().eq(10).all()
     # recovery of a gated run: init_from + freeze_gates keeps its hard shape
-    again = _train(args, tmp, "recover", f"model.init_from={run}", "compress.gates=[heads,ffn]",
+    again = train_run(args, tmp, "recover", f"model.init_from={run}", "compress.gates=[heads,ffn]",
                    "compress.ffn_group=8", "compress.freeze_gates=true")
     assert json.loads((again / "metrics.json").read_text())["structure"]["user_shape"] == shape
 

@@ -3,28 +3,21 @@ a frozen item tower with cached catalog embeddings, the reference served at its 
 post-hoc twin searching the same input knobs."""
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args
+from conftest import tiny_run_args, train_run
 
-from recsys.cli import main
 from recsys.models.importance import importance_scores, keep_mask, rank_log_alpha
 
 GATES = "compress.gates=[heads,ffn,blocks,output]"
-
-
-def _train(args, tmp_path, name, *extra) -> Path:
-    assert main(["train", *args, f"tracking.run_name={name}", *extra]) == 0
-    return tmp_path / "results" / "runs" / name
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("recipe")
     args = tiny_run_args(tiny_model, tmp)
-    return _train(args, tmp, "dense"), args, tmp
+    return train_run(args, tmp, "dense"), args, tmp
 
 
 def test_rank_log_alpha_spreads_by_rank_only():
@@ -80,7 +73,7 @@ def test_importance_init_orders_gates_as_posthoc_pruning_would(dense, tiny_model
 
 def test_importance_initialised_run_trains_end_to_end(dense, capsys):
     run, args, tmp = dense
-    out = _train(args, tmp, "imp", GATES, f"model.init_from={run}",
+    out = train_run(args, tmp, "imp", GATES, f"model.init_from={run}",
                  "compress.importance_init=true", "compress.prune_batches=2", "compress.budget_metric=flops",
                  "compress.budget_target=0.5", "compress.gate_lr=0.5", "compress.lagrangian_lr=0.5")
     assert "gates initialised by importance" in capsys.readouterr().out
@@ -95,7 +88,7 @@ def test_frozen_item_tower_trains_the_user_tower_only(dense):
     from recsys.runs import load_run
 
     run, args, tmp = dense
-    out = _train(args, tmp, "frozen", f"model.init_from={run}", "model.freeze_item_tower=true")
+    out = train_run(args, tmp, "frozen", f"model.init_from={run}", "model.freeze_item_tower=true")
     _, before = load_run(run)
     cfg, after = load_run(out)
     assert after.separate and after.item_tower is not after.user_tower

@@ -119,10 +119,11 @@ def test_offline_training_after_a_wandb_summary_in_the_same_process(small_synthe
     env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
     script = (
         "import json, sys, types\n"
-        "from recsys.config import load_config\n"
+        "from recsys.config import TrackingConfig, load_config\n"
         "from recsys.search.report import _wandb_summary\n"
         "from recsys.recipes.train import train\n"
-        f"_wandb_summary(types.SimpleNamespace(study='s', folder={str(tmp_path)!r}), [{{'trial': 0}}])\n"
+        f"_wandb_summary(types.SimpleNamespace(study='s', folder={str(tmp_path)!r}), [{{'trial': 0}}], "
+        "TrackingConfig())\n"
         f"train(load_config(None, json.loads({json.dumps(json.dumps(small_synthetic_args))}) + "
         "['train.epochs=1', 'tracking.wandb=offline']))\n")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,

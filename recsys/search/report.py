@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.config import load_config
+from recsys.config import TrackingConfig, load_config
 from recsys.recipes.evaluate import evaluate_run
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.study import OBJECTIVES, SweepConfig, open_study
@@ -120,7 +120,7 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
             summary["overhead_fraction"] = max(0.0, 1 - own / (wall_seconds * workers)) if own else None
             summary["timed_trials"] = len(timed)
         _figures(study, cfg, ref, folder / "figures")
-        _wandb_summary(cfg, rows)
+        _wandb_summary(cfg, rows, sweep_tracking(cfg))
     write_json(folder / "summary.json", summary)
     return summary
 
@@ -178,12 +178,17 @@ def _figures(study, cfg: SweepConfig, ref: dict[str, float], out: Path) -> None:
             print(f"note: figure {kind} skipped ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
 
 
-def _wandb_summary(cfg: SweepConfig, rows: list[dict]) -> None:
-    """The trials table as a W&B run in the study's group, in the base config's tracking.wandb mode and
-    tracking.wandb_project (as its trials; $WANDB_MODE wins)."""
+def sweep_tracking(cfg: SweepConfig) -> TrackingConfig:
+    """The tracking settings the study's trials run with (the base config's, with the sweep's tracking.*
+    overrides)."""
+    return load_config(cfg.base_config, [o for o in cfg.overrides if o.startswith("tracking.")]).tracking
+
+
+def _wandb_summary(cfg: SweepConfig, rows: list[dict], tracking: TrackingConfig) -> None:
+    """The trials table as a W&B run in the study's group, in the trials' tracking.wandb mode and
+    tracking.wandb_project ($WANDB_MODE wins)."""
     import os
 
-    tracking = load_config(cfg.base_config, cfg.overrides).tracking
     mode = os.environ.get("WANDB_MODE", tracking.wandb)
     if mode == "disabled":
         return
