@@ -16,7 +16,11 @@ QUIET_LOGGERS = {
     "pytorch_lightning.utilities.rank_zero": logging.WARNING,  # the litlogger tip, "GPU available: False"
     "lightning.pytorch.utilities.rank_zero": logging.WARNING,
     "lightning_fabric.utilities.rank_zero": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,  # "torchvision is not installed. Skipping …"
 }
+QUIET_LOG_MESSAGES = (
+    "Please consider to run pre-processing before quantization",  # ONNX Runtime's quantize_dynamic, on root
+)
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's use of torch's pytree
     r".*is smaller than the logging interval.*",  # short sweeps trials log less often than every 10 steps
@@ -30,3 +34,13 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(level)
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    root = logging.getLogger()
+    if not any(getattr(f, "quiet_third_party", False) for f in root.filters):
+        root.addFilter(_RootFilter())
+
+
+class _RootFilter(logging.Filter):
+    quiet_third_party = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in QUIET_LOG_MESSAGES)
