@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import train_or_reuse
 
 from recsys.config import load_config
 from recsys.data.registry import dataset_slug
 from recsys.errors import RecsysError
 from recsys.recipes.baselines import run_baselines
-from recsys.recipes.train import train
 from recsys.retrieval.metrics import METRIC_COLUMNS
-from recsys.tracking.records import environment_record, write_json
 
 METRICS = ["ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr@10"]
 
@@ -49,13 +48,9 @@ def main(argv=None) -> int:
             baselines = run_baselines(cfg, progress=False)
         runs = []
         for seed in [int(s) for s in args.seeds.split(",")]:
-            name = f"{slug}-bench-seed{seed}"
-            done = Path(cfg.tracking.results_dir) / "runs" / name / "metrics.json"
-            if not done.is_file():
-                seeded = load_config(args.config, over + [f"train.seed={seed}", f"tracking.run_name={name}",
-                                                          "tracking.progress_bar=false"])
-                train(seeded)
-            runs.append(json.loads(done.read_text()))
+            run = train_or_reuse(args.config, over + [f"train.seed={seed}"], f"{slug}-bench-seed{seed}",
+                                 cfg.tracking.results_dir)
+            runs.append(json.loads((run / "metrics.json").read_text()))
             print(f"seed {seed}: " + ", ".join(f"{m} {runs[-1]['test'][m]:.4f}" for m in METRICS), flush=True)
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,15 +66,14 @@ def main(argv=None) -> int:
     models = {k: {m: v[m] for m in METRICS} | {h: v[h] for h in ("k", "lambda", "encoder") if h in v}
               for k, v in baselines.items()}
     models["two_tower"] = two_tower
-    env = environment_record()
     out = {"dataset": cfg.data.name,
            "protocol": {"split": "leave-last-out (timestamp, ties by file order)", "ranking": "full, all items",
                         "masking": "train items (+ validation item at test)", "ties": "ascending item index",
                         "metrics_stage": "test", "selection": "validation NDCG@10"},
-           "hardware": env["hardware"], "versions": env["versions"], "git": env["git"], "models": models}
+           "models": models}
     path = Path(args.out or f"results/benchmarks/{slug.replace('-', '')}_baselines.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, out)
+    write_benchmark(path, out)
     print(f"wrote {path}")
     for k, v in models.items():
         print(f"{k:12s} " + "  ".join(f"{m} {v[m]:.4f}" for m in METRIC_COLUMNS if m in v))

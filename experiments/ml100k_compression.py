@@ -25,20 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import train_or_reuse, write_benchmark
 
 from recsys.config import load_config
 from recsys.data.registry import load_data
-from recsys.efficiency.latency import environment, exclusive, interleaved, threads
+from recsys.efficiency.latency import exclusive, interleaved, threads
 from recsys.errors import RecsysError
 from recsys.models.tower import tower_scorers
-from recsys.recipes.train import train
 from recsys.retrieval.evaluate import evaluate
 from recsys.retrieval.metrics import compare
 from recsys.runs import load_run
 from recsys.serving.materialize import materialize
 from recsys.serving.quantize import BACKENDS, route_for, simulate_int8
 from recsys.serving.routes import request_calls
-from recsys.tracking.records import write_json
 
 SEEDS = (0, 1, 2)
 STUDENT_LAYERS = "1,3,5"  # MiniLM's layers the 3-layer student starts from
@@ -64,14 +63,6 @@ STACKED = ("configs/ml100k_lambda.yaml", ["compress.budget_metric=latency", "com
 
 def int8(backend: str) -> list[str]:
     return ["compress.precision=int8", f"compress.int8_backend={backend}"]
-
-
-def _train(root: Path, name: str, config: str, over: list[str]) -> Path:
-    run = root / name
-    if not (run / "metrics.json").is_file():
-        print(f"== training {name}", flush=True)
-        train(load_config(config, over + [f"tracking.run_name={name}", "tracking.progress_bar=false"]))
-    return run
 
 
 def _served(tower, precision: str, backend: str):
@@ -107,7 +98,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     try:
         cfg = load_config("configs/ml100k.yaml", over)
-        root = Path(cfg.tracking.results_dir) / "runs"
+        results = cfg.tracking.results_dir
         dense = {s: Path(args.dense.format(seed=s)) for s in seeds}
         for d in dense.values():
             if not (d / "metrics.json").is_file():
@@ -116,11 +107,13 @@ def main(argv=None) -> int:
         for s in seeds:
             for name, (config, o) in runs(str(dense[s]), args.int8_backend, student).items():
                 o = [x.format(seed=s) for x in o]
-                trained.setdefault(name.split("-seed")[0], {})[s] = _train(root, name.format(seed=s), config, over + o)
+                run = train_or_reuse(config, over + o, name.format(seed=s), results)
+                trained.setdefault(name.split("-seed")[0], {})[s] = run
         s0 = seeds[0]
-        stacked = _train(root, f"stacked-{args.int8_backend}-seed{s0}", STACKED[0],
-                         over + [f"model.init_from={trained['student-distill'][s0]}", f"distill.teacher={dense[s0]}",
-                                 *student, *STACKED[1], *int8(args.int8_backend)])
+        stacked = train_or_reuse(STACKED[0], over + [f"model.init_from={trained['student-distill'][s0]}",
+                                                     f"distill.teacher={dense[s0]}", *student, *STACKED[1],
+                                                     *int8(args.int8_backend)],
+                                 f"stacked-{args.int8_backend}-seed{s0}", results)
         from recsys.models.encoder import load_tokenizer, resolve_model_path
         ds, split = load_data(cfg.data)
         data = (ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data)
@@ -171,11 +164,9 @@ def main(argv=None) -> int:
         distill_test = {"pooled_over_seeds": compare(a, b),
                         "per_seed": [compare(x, y) for x, y in zip(per_user["student_nodistill"],
                                                                       per_user["student_distill"], strict=True)]}
-        env = environment()
-        write_json(Path(args.out), {"dataset": cfg.data.name, "hardware": env["hardware"], "threads": env["threads"],
-                                    "versions": env["versions"], "seq_len": seq, "n_items": n_items,
-                                    "best_fp32_ms": best_fp32, "dense_routes": routes,
-                                    "distill_vs_nodistill": distill_test, "rows": rows})
+        write_benchmark(args.out, {"dataset": cfg.data.name, "seq_len": seq, "n_items": n_items,
+                                   "best_fp32_ms": best_fp32, "dense_routes": routes,
+                                   "distill_vs_nodistill": distill_test, "rows": rows})
         for row in rows:
             print(f"{row['name']:18s} ndcg@10 {row['ndcg@10']:.4f} ({row['ndcg_vs_dense']:.0%})  "
                   f"{row['measured_ms_median']:6.2f} ms  ×{row['speedup']:.2f} (×{row['speedup_vs_best_fp32']:.2f} "
