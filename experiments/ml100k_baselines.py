@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import train_or_reuse
+from common import train_or_reuse, write_benchmark
 
 from recsys.config import load_config
 from recsys.data.registry import dataset_slug
