@@ -73,7 +73,7 @@ def cmd_train(args) -> None:
     cfg = _config(args)  # validate before the heavy imports
     from recsys.recipes.evaluate import baseline_rows, results_table
     from recsys.recipes.train import train
-    out = train(cfg)
+    out = train(cfg, resume=args.resume)
     if not out:  # non-zero ranks of a multi-process run
         return
     rows = [{"model": "two_tower", **out["test"]}, *baseline_rows(cfg)]
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
         s.add_argument("--print-config", action="store_true",
                        help="print the resolved config (every key, its value and what it does) and exit")
+        if verb == "train":
+            s.add_argument("--resume", action="store_true",
+                           help="continue an interrupted run of the same name and config from its last checkpoint")
         if verb == "baselines":
             s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot")
         s.set_defaults(func=func)

@@ -126,6 +126,7 @@ class TrainConfig:
     val_check_interval: float = 1.0  # fraction of an epoch (<=1) or a number of steps (>1) between validations
     early_stopping_patience: int = 3  # validations without improvement of val NDCG@10 before stopping
     max_minutes: float | None = None  # wall-clock budget for fitting
+    checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation
     num_workers: int = 0  # DataLoader worker processes
     accelerator: Accelerator = "auto"  # Lightning accelerator: auto | cpu | gpu | cuda | mps | tpu
@@ -141,7 +142,7 @@ class TrainConfig:
         _check_range(self, "num_workers", 0, None)
         _check_range(self, "early_stopping_patience", 0, None)
         _check_positive(self, "val_check_interval")
-        for k in ("examples_per_user", "max_minutes"):
+        for k in ("examples_per_user", "max_minutes", "checkpoint_every_steps"):
             if getattr(self, k) is not None:
                 _check_positive(self, k)
         _check_literals(self)

@@ -18,6 +18,20 @@ from recsys.data.text import user_text
 from recsys.models.tower import tokenize
 
 
+class _Remaining(torch.utils.data.Sampler):
+    """Batches of an epoch from `skip` on; its length stays the epoch's, so Lightning counts batch indices as if
+    the epoch had never stopped."""
+
+    def __init__(self, batches: list[list[int]], skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        return iter(self.batches[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class RecDataModule(pl.LightningDataModule):
     def __init__(self, dataset: RecDataset, split: Split, tokenizer, data: DataConfig, train: TrainConfig,
                  tokenize_items: bool = True):
@@ -25,6 +39,7 @@ class RecDataModule(pl.LightningDataModule):
         self.dataset, self.split, self.tokenizer = dataset, split, tokenizer
         self.data_cfg, self.train_cfg = data, train
         self.tokenize_items = tokenize_items  # False: the model looks its (frozen) item embeddings up by id
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it already trained): see resume_from
         self.item_texts = dataset.item_texts
         self.train_sets = [set(s.tolist()) for s in split.train]
         targets = np.concatenate([s[1:] for s in split.train] + [np.zeros(0, dtype=np.int64)])
@@ -46,9 +61,22 @@ class RecDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        g = torch.Generator().manual_seed(self.train_cfg.seed * 1000 + epoch)
-        return DataLoader(self.examples(epoch), batch_size=self.train_cfg.batch_size, shuffle=True, generator=g,
-                          collate_fn=self.collate_train, num_workers=self.train_cfg.num_workers, drop_last=False)
+        seed, bs, examples = self.train_cfg.seed * 1000 + epoch, self.train_cfg.batch_size, self.examples(epoch)
+        skip = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+        if not skip:
+            return DataLoader(examples, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                              collate_fn=self.collate_train, num_workers=self.train_cfg.num_workers, drop_last=False)
+        # a fit resumed mid-epoch: the epoch's batches in the order a fresh loader draws them, minus those trained
+        order = list(DataLoader(range(len(examples)), batch_size=bs, shuffle=True,
+                                generator=torch.Generator().manual_seed(seed), collate_fn=list))
+        return DataLoader(examples, batch_sampler=_Remaining(order, skip), collate_fn=self.collate_train,
+                          num_workers=self.train_cfg.num_workers)
+
+    def resume_from(self, epoch: int, global_step: int) -> None:
+        """A fit resumed from a checkpoint taken at `global_step` in `epoch`: that epoch's loader leaves out the
+        batches already trained (set by the recipe from the checkpoint, before Lightning builds any loader)."""
+        per_epoch = -(-len(self.examples(epoch)) // self.train_cfg.batch_size)
+        self.resume_at = (epoch, max(0, global_step - epoch * per_epoch))
 
     def collate_train(self, pairs: list[tuple[int, int]]) -> dict:
         users = [u for u, _ in pairs]

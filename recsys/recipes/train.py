@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from recsys.config import RunConfig, save_config
+from recsys.config import RunConfig, read_yaml, save_config
 from recsys.data.registry import dataset_slug, load_data
 from recsys.efficiency.latency import exclusive, measure, threads
 from recsys.errors import RecsysError
@@ -37,6 +37,8 @@ from recsys.serving.materialize import materialize
 from recsys.serving.quantize import route_for
 from recsys.serving.routes import request_calls
 from recsys.tracking.records import environment_record, staged_dir, write_json
+
+LAST = "checkpoints/last.ckpt"  # a fit's last full-state checkpoint, inside its staging folder
 
 
 class Throughput(pl.Callback):
@@ -162,11 +164,12 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
         module.set_costs(CostNormaliser(user_base, dm.split.n_items, tables), item)
 
 
-def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> dict:
+def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resume: bool = False) -> dict:
     """Fit, select the best checkpoint on validation NDCG@10 (a gated run: its final model), test it (unless
     `test` is False: a sweep tests only its Pareto trials, after the search), and write the run folder.
-    `callbacks` are extra Lightning callbacks (a sweep's pruning reporter)."""
-
+    `callbacks` are extra Lightning callbacks (a sweep's pruning reporter). A failed or interrupted fit leaves
+    its last full-state checkpoint (every `train.checkpoint_every_steps` steps) in `<run>.partial/`; `resume`
+    continues from it, mid-epoch included, with the same config."""
 
     ds, split = load_data(cfg.data)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
@@ -184,8 +187,17 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
     elif final.exists() and not cfg.tracking.overwrite:  # checked before anything is written
         raise RecsysError(f"run {final} exists: choose another tracking.run_name, or tracking.overwrite=true to "
                           "replace it")
+    last = final.with_name(final.name + ".partial") / LAST
+    if resume and not last.is_file():
+        raise RecsysError(f"--resume: no interrupted run {name} to continue ({last} missing)")
+    if resume and read_yaml(last.parent.parent / "config.yaml") != cfg.to_dict():
+        raise RecsysError(f"--resume: the config differs from the interrupted run's "
+                          f"({last.parent.parent / 'config.yaml'})")
+    if not resume and last.is_file() and not cfg.tracking.overwrite:
+        raise RecsysError(f"an interrupted run {name} left a checkpoint ({last}): --resume to continue it, or "
+                          "tracking.overwrite=true to start again")
     progress = cfg.tracking.progress_bar
-    with staged_dir(final) as run_dir:
+    with staged_dir(final, keep=(LAST, "config.yaml"), resume=resume) as run_dir:
         save_config(cfg, run_dir / "config.yaml")
         # A gated run keeps its final model: the best validation score of a run that is being pruned is its
         # densest early checkpoint, and the budget is only met at the end.
@@ -196,6 +208,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
         callbacks = [ckpt, speed, StopOnDivergence(), *(callbacks or [])]
         if not gated:
             callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
+        if cfg.train.checkpoint_every_steps:  # full state (optimizer, schedule, loops), for --resume
+            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                                             every_n_train_steps=cfg.train.checkpoint_every_steps, save_top_k=1,
+                                             enable_version_counter=False))
         vci = cfg.train.val_check_interval
         trainer = _trainer(
             max_epochs=cfg.train.epochs,
@@ -209,7 +225,10 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
         )
         t0 = time.perf_counter()
         try:
-            trainer.fit(module, datamodule=dm)
+            if resume:
+                state = torch.load(run_dir / LAST, map_location="cpu", weights_only=False)
+                dm.resume_from(state["epoch"], state["global_step"])
+            trainer.fit(module, datamodule=dm, ckpt_path=str(run_dir / LAST) if resume else None)
         except SystemExit:  # Lightning answers Ctrl-C with exit(1) (SIGINT ignored from then on)
             _finish(trainer, "failed")
             if trainer.interrupted:
@@ -222,6 +241,7 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True) -> d
         fit_minutes = (time.perf_counter() - t0) / 60
         if not trainer.is_global_zero:
             return {}
+        (run_dir / LAST).unlink(missing_ok=True)  # a finished run needs no resume state
         best = ckpt.best_model_path
         if best:
             module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])

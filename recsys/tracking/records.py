@@ -97,12 +97,14 @@ def _jsonable(x):
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path):
+def staged_dir(final: Path, keep: tuple[str, ...] = (), resume: bool = False):
     """Yield a staging folder `<final>.partial` renamed to `final` on success and removed on any failure.
 
-    So a run folder under results/ is either complete or absent: nothing half-written survives an error. The name
-    is locked while it is written (`<final>.lock`): a second writer of the same name is refused at once, and
-    never removes the first one's staging folder.
+    So a run folder under results/ is either complete or absent: nothing half-written survives an error — except
+    the files named in `keep` (a training run's last full-state checkpoint and its config), which a failure leaves
+    alone in `<final>.partial/` so that `resume=True` continues in the same staging folder. The name is locked
+    while it is written (`<final>.lock`): a second writer of the same name is refused at once, and never removes
+    the first one's staging folder.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(final.with_name(final.name + ".lock")))
@@ -112,12 +114,21 @@ def staged_dir(final: Path):
         raise RecsysError(f"{final} is being written by another process (locked); choose another name") from None
     try:
         staging = final.with_name(final.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)  # left by a process that died (we hold the name's lock)
-        staging.mkdir(parents=True)
+        if not resume:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process that died (we hold the name's lock)
+        staging.mkdir(parents=True, exist_ok=True)
         try:
             yield staging
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            kept = [staging / k for k in keep if (staging / k).is_file()]
+            if kept and keep and (staging / keep[0]).is_file():  # what a resume needs; the rest goes
+                for p in sorted(staging.rglob("*"), reverse=True):
+                    if p.is_file() and p not in kept:
+                        p.unlink()
+                    elif p.is_dir() and not any(p.iterdir()):
+                        p.rmdir()
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         if final.exists():
             shutil.rmtree(final)
