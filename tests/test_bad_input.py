@@ -658,3 +658,21 @@ def test_commands_start_without_third_party_noise(tmp_path, small_synthetic_args
     assert not [n for n in noise if n in quiet.stdout + quiet.stderr]
     loud = run_process(["--verbose", "train", *small_synthetic_args, "tracking.overwrite=true"], tmp_path)
     assert loud.returncode == 0 and any(n in loud.stdout + loud.stderr for n in noise)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs: writing a run there fills it (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, small_synthetic_args, full_disk):
+    args = [a for a in small_synthetic_args if not a.startswith("tracking.results_dir")]
+    line = fails(capsys, "train", *args, f"tracking.results_dir={full_disk / 'results'}")
+    assert_contains(line, "No space left on device", "nothing half-written was kept")
+    assert files_under(full_disk / "results") == []
