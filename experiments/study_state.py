@@ -24,7 +24,7 @@ from recsys.errors import RecsysError
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import pareto_front, test_metrics
-from recsys.search.study import load_sweep, open_study
+from recsys.search.study import load_sweep, open_study, reap_stale
 
 RUN_FILES = ("metrics.json", "test_metrics.json", "config.yaml")
 
@@ -35,6 +35,7 @@ def save(cfg, dest: Path) -> int:
     if not (cfg.folder / "journal.log").is_file():
         return 0
     study = open_study(cfg)
+    reap_stale(study)  # a trial whose (stopped) worker is gone: FAIL and queued again, not RUNNING forever
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     ref = reference_costs(cfg)
     front = pareto_front([t for t in done if not disturbed(t.user_attrs.get("costs", {}), ref,
