@@ -78,7 +78,6 @@ def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], spli
     """{stage: scorer} of a two-tower: item texts encoded once for all stages (or `item_emb` [N, d] given),
     each stage's user texts (the history up to its target) encoded once — the same texts for the trained model
     and the zero-shot encoder."""
-
     items = item_emb if item_emb is not None else encode_texts(
         item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size, desc="encode items",
         progress=progress)

@@ -22,7 +22,6 @@ from recsys.tracking.records import environment_record, markdown_table, staged_d
 def run_zero_shot(dataset, split: Split, data_cfg, encoder: str = "minilm",
                   progress: bool = True) -> tuple[EvalResult, dict]:
     """The untrained encoder (mean pooling, cosine) on the same user/item texts as the two-tower."""
-
     tower = build_tower(encoder, ModelConfig(encoder=encoder))
     tok = load_tokenizer(resolve_model_path(encoder))
     scorers = tower_scorers(tower, tower, tok, dataset.item_texts, split, data_cfg, progress=progress)
@@ -37,8 +36,6 @@ BASELINES = ("popularity", "itemknn", "ease", "zero_shot")
 def run_baselines(cfg, models=BASELINES, progress: bool = True) -> dict:
     """Evaluate baselines on `cfg.data` (a RunConfig); write results/baselines/<dataset>/ (CSV, Markdown,
     per-user CSVs, record). Returns {model: {metrics..., hyper-parameters...}}."""
-
-
     unknown = [m for m in models if m not in BASELINES]
     if unknown:
         raise RecsysError(f"unknown baseline '{unknown[0]}' (known: {', '.join(BASELINES)})")

@@ -47,7 +47,6 @@ def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
     `overrides`, e.g. data.user_max_tokens=64 to read shorter user texts). `served`: the towers as
     compress.precision serves them (e.g. overrides compress.precision=int8 compress.int8_backend=onnxruntime:
     the accuracy of post-training int8)."""
-
     if stage not in ("val", "test"):
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
     cfg, module = load_run(target, overrides)
@@ -69,7 +68,6 @@ def input_length_grid(target: str | Path, tokens: list[int], history: list[int],
     """A trained run evaluated on `stage` at other input lengths, without retraining: for every history size h
     and token budget t, user texts of the last h items cut at t tokens (items encoded once). The dense
     reference's input length is a hyper-parameter like any other: choose it on validation with this."""
-
     cfg, module = load_run(target)
     ds, split = load_data(cfg.data)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))

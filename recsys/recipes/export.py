@@ -19,7 +19,6 @@ from recsys.tracking.records import staged_dir, write_json
 def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> dict:
     """Materialize a gated run's tower(s), export them to `out` (default `<run>/export/<fmt>`), reload each
     artifact and check that its embeddings equal the gated model's (max |Δ| reported; > 1e-4 is an error)."""
-
     if fmt not in FORMATS:
         raise RecsysError(f"--format: unknown format {fmt!r} (expected {', '.join(FORMATS)})")
     run_dir, _ = run_paths(target)

@@ -170,7 +170,6 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resu
     `callbacks` are extra Lightning callbacks (a sweep's pruning reporter). A failed or interrupted fit leaves
     its last full-state checkpoint (every `train.checkpoint_every_steps` steps) in `<run>.partial/`; `resume`
     continues from it, mid-epoch included, with the same config."""
-
     ds, split = load_data(cfg.data)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)

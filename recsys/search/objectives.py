@@ -21,7 +21,6 @@ def measure_online(run_dir: str | Path, seq_len: int | None = None, reference: s
     """Cost objectives of a run: measured online latency (median and p90 ms, under the measurement lock),
     parameters and online FLOPs of its compact shape. With a `reference` run the two requests are measured
     interleaved (A, B, A, B …) and `latency_ratio` = run / reference is free of this machine's drift."""
-
     call, costs = online_request(run_dir, seq_len, overrides)
     costs = {**costs, "shape": costs["shape"].to_dict()}  # stored with the trial (JSON)
     calls = {"run": call}

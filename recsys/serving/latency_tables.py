@@ -36,7 +36,6 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
                  heads=None, neurons=None, seq=SEQ_GRID, min_seconds: float = 0.15,
                  progress: bool = True) -> LatencyTables:
     """Measure every operator of `base`'s architecture on this device (batch 1, fp32)."""
-
     H, d = base.hidden, base.head_dim
     heads = list(heads or sorted({1, 2, 3, 4, 6, 8, base.n_heads_dense} & set(range(1, base.n_heads_dense + 1))))
     neurons = list(neurons or sorted({n for n in (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072)
@@ -85,7 +84,6 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
 def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3, route: str = "fp32") -> list[float]:
     """Median ms of a fresh tower at each shape (batch 1, its seq_len) served by `route`, measured interleaved
     in rounds so that this machine's drift spreads over all shapes alike."""
-
     calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim), s.seq_len,
                                  route) for i, s in enumerate(shapes)}
     timings = interleaved(calls, rounds=rounds, per_round=per_round)
