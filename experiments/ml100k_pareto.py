@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         own = [o for o in args.overrides if "." not in o.partition("=")[0]]
         cfg = load_sweep(args.config, own, training + [o for o in args.overrides if o not in own])
         reference_input = None
-        if cfg.reference_run and not cfg.reference_overrides:
+        if cfg.reference_run and cfg.tune_reference_input and not cfg.reference_overrides:
             reference_input = tune_reference(cfg, args.tune_tokens, args.tune_history)
             chosen = reference_input["chosen"]
             cfg.reference_overrides = [f"data.user_max_tokens={chosen['user_max_tokens']}",

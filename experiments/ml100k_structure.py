@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     data = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     try:
         cfg = load_sweep(args.config, [], data)
-        if not cfg.reference_overrides:  # the input length ml100k_pareto.py chose on validation
+        if cfg.tune_reference_input and not cfg.reference_overrides:  # as ml100k_pareto.py chose it
             tuned = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
             if not tuned.is_file():
                 raise RecsysError(f"{tuned} missing: run experiments/ml100k_pareto.py first")

@@ -77,7 +77,8 @@ def main(argv=None) -> int:
             for f in tuned:
                 shutil.copy2(f, state / f.name)
             for c in (cfg, posthoc_config(cfg)):
-                c.reference_overrides = c.reference_overrides or _tuned_overrides(cfg)
+                if c.tune_reference_input:
+                    c.reference_overrides = c.reference_overrides or _tuned_overrides(cfg)
                 print(f"{c.study}: saved with {save(c, state)} front trials' test metrics → {state / c.study}")
         else:
             cfg.folder.parent.mkdir(parents=True, exist_ok=True)

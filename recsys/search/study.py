@@ -89,6 +89,8 @@ class SweepConfig:
     # data overrides the reference run is evaluated (validation) and measured under, e.g. its input length chosen
     # on validation: ["data.user_max_tokens=64", "data.history_items=10"]
     reference_overrides: list[str] = field(default_factory=list)
+    # experiments/ml100k_pareto.py: choose the reference's input length on validation (sets reference_overrides)
+    tune_reference_input: bool = False
     max_failed: int | None = None  # stop after this many failed trials (default: n_trials)
     heartbeat_interval: int = 30  # RDB storage: seconds between a running trial's heartbeats
     grace_period: int = 120  # RDB storage: a trial without a heartbeat for this long is stale (retried)
