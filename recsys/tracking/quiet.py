@@ -24,6 +24,7 @@ QUIET_LOG_MESSAGES = (
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's use of torch's pytree
     r".*is smaller than the logging interval.*",  # short sweeps trials log less often than every 10 steps
+    r".*your dataloader is not resumable.*",  # --resume rebuilds the epoch's order itself (RecDataModule.resume_from)
 )
 
 
