@@ -25,8 +25,9 @@ from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import pareto_front, test_metrics
 from recsys.search.study import load_sweep, open_study, reap_stale
+from recsys.tracking.records import environment_record, write_json
 
-RUN_FILES = ("metrics.json", "test_metrics.json", "config.yaml")
+RUN_FILES = ("metrics.json", "test_metrics.json", "config.yaml", "record.json")  # record: the machine it ran on
 
 
 def save(cfg, dest: Path) -> int:
@@ -44,6 +45,7 @@ def save(cfg, dest: Path) -> int:
     shutil.rmtree(out, ignore_errors=True)
     (out / "runs").mkdir(parents=True)
     shutil.copy2(cfg.folder / "journal.log", out / "journal.log")
+    write_json(out / "machine.json", environment_record())  # where the state was saved (trials: runs/*/record.json)
     for t in front:
         run = Path(t.user_attrs["run_dir"])
         test_metrics(str(run))  # evaluated once, cached in the run folder
