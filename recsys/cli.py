@@ -76,7 +76,8 @@ def cmd_train(args) -> None:
     out = train(cfg, resume=args.resume)
     if not out:  # non-zero ranks of a multi-process run
         return
-    rows = [{"model": "two_tower", **out["test"]}, *baseline_rows(cfg)]
+    rows = [{"model": "sequence_tower" if cfg.model.user_tower == "sequence" else "two_tower", **out["test"]},
+            *baseline_rows(cfg)]
     print(f"\n{cfg.data.name} — test split, full ranking ({out['evaluated_users']} users); run: {out['run_dir']}\n")
     print(results_table(rows))
     print(f"\ntrained {out['train_minutes']:.1f} min, {out['train_examples_per_s']:.1f} examples/s")
@@ -86,7 +87,10 @@ def cmd_evaluate(args) -> None:
     from recsys.recipes.evaluate import evaluate_run, results_table
     from recsys.retrieval.metrics import compare
     from recsys.runs import read_per_user
-    res = evaluate_run(args.run, args.stage, progress=True)
+    if args.index:
+        _evaluate_index(args)
+        return
+    res = evaluate_run(args.run, args.stage, progress=True, device=args.device)
     print(results_table([{"model": str(args.run), **res.metrics}]))
     if args.compare:
         other = read_per_user(args.compare, args.metric)
@@ -100,6 +104,21 @@ def cmd_evaluate(args) -> None:
         print(f"\n{args.metric}: {args.run} − {args.compare} = {c['diff']:+.4f} "
               f"(95% bootstrap CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], paired t p={c['p_ttest']:.3g}, "
               f"Wilcoxon p={c['p_wilcoxon']:.3g}, n={len(common)})")
+
+
+def _evaluate_index(args) -> None:
+    """`recsys evaluate RUN --index SPEC`: metrics through the index beside exact search, and its recall."""
+    from recsys.config import parse_index_spec
+    parse_index_spec(args.index)  # one line on a bad spec, before the heavy imports
+    from recsys.recipes.evaluate import results_table
+    from recsys.recipes.retrieval_index import evaluate_run_index
+    if args.compare:
+        raise RecsysError("--compare and --index: compare the exact evaluation (leave out --index)")
+    res = evaluate_run_index(args.run, args.index, args.stage, rebuild=args.rebuild_index)
+    print(results_table([{"model": f"{args.run} (exact)", **res.exact.metrics},
+                         {"model": f"{args.run} ({res.spec})", **res.index.metrics}]))
+    print(f"\nindex {res.spec} against exact search: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                      res.recall_vs_exact.items()))
 
 
 def cmd_export(args) -> None:
@@ -208,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true",
                            help="continue an interrupted run of the same name and config from its last checkpoint")
         if verb == "baselines":
-            s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot")
+            s.add_argument("--models", help="comma-separated subset of popularity,itemknn,ease,zero_shot, and "
+                                            "sasrec (trained; its grid in the sasrec: section)")
         s.set_defaults(func=func)
 
     pr = sub.add_parser("profile", help="params, FLOPs, bytes, measured and predicted latency of a tower")
@@ -231,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stage", choices=["val", "test"], default="test")
     e.add_argument("--compare", help="another run folder or per-user CSV: paired test and bootstrap CI")
     e.add_argument("--metric", default="ndcg@10")
+    e.add_argument("--device", default="cpu", help="where to encode and rank: cpu (default), cuda, cuda:N or auto")
+    e.add_argument("--index", help="search through a retrieval index, e.g. 'hnsw,M=32,efSearch=128' or "
+                   "'ivf,nlist=64,nprobe=8' (recsys/retrieval/index.py); prints exact beside it and its recall")
+    e.add_argument("--rebuild-index", action="store_true", help="build the cached index again (the run changed)")
     e.set_defaults(func=cmd_evaluate)
 
     w = sub.add_parser("sweep", help="Optuna study over λ values / budgets / any config field: the Pareto front")

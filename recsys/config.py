@@ -31,6 +31,11 @@ DistillLoss = Literal["kl", "margin_mse", "embedding_mse"]  # distill.loss
 AttnImplementation = Literal["sdpa", "eager"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 WandbMode = Literal["offline", "online", "disabled"]
+UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower family (recsys/models/sequence_tower.py)
+# retrieval.index: how the catalog is searched (recsys/retrieval/index.py): exact (torch matmul + top-k) or a faiss
+# index: flat inner product, IVF (k-means), IVF-PQ, HNSW, scalar-quantized flat (sq8, fp16)
+IndexKind = Literal["exact", "flat", "ivf", "ivfpq", "hnsw", "sq8", "fp16"]
+IndexDevice = Literal["cpu", "gpu"]  # retrieval.device: faiss-cpu, or faiss's GPU indexes (the GPU build)
 
 
 def choices(tp) -> tuple:
@@ -50,6 +55,7 @@ def check_quantize_layers(layers, backend: str = "torchao") -> None:
                          "quantization has no integer Gemm); quantize attention and ffn")
 
 
+ZERO_STAGES = (1, 2, 3)  # DeepSpeed ZeRO stages train.zero_stage may name (configs/deepspeed/zero<stage>.json)
 MIN_TOKENS = 8  # the shortest user text (in tokens) a run may be trained or served at
 
 
@@ -95,6 +101,16 @@ class ModelConfig:
     # the item tower is fixed (separate from the user tower, no gates): its catalog embeddings are computed once
     # per fit and looked up, so a step trains the user tower only (1.3-1.4x the examples/s at 64-token users)
     freeze_item_tower: bool = False  # item tower fixed as loaded; its catalog embeddings cached
+    # the user tower's family: text (the encoder over the titles of the last data.history_items items) | sequence
+    # (UniSRec-style: a small transformer over the item tower's embeddings of those items + positions)
+    user_tower: UserTower = "text"  # text | sequence (the sequence_* keys below shape a sequence tower)
+    sequence_items: int = 50  # sequence tower: N, the most recent history items it reads (its positions)
+    sequence_layers: int = 2  # sequence tower: transformer layers (1-2)
+    sequence_heads: int = 2  # sequence tower: attention heads
+    sequence_hidden: int | None = None  # sequence tower: width (None = the item embedding dim)
+    sequence_ffn: int | None = None  # sequence tower: FFN neurons per layer (None = 2 x width)
+    sequence_dropout: float = 0.1  # sequence tower: hidden and attention dropout while training
+    sequence_adaptor: bool = False  # sequence tower: a trainable residual MLP over the item embeddings it reads
 
     def __post_init__(self):
         _check_positive(self, "temperature")
@@ -105,6 +121,9 @@ class ModelConfig:
             _check_range(self, "dropout", 0.0, 1.0)
         if self.projection_dim is not None:
             _check_positive(self, "projection_dim")
+        _check_positive(self, "sequence_items", "sequence_layers", "sequence_heads", "sequence_hidden",
+                        "sequence_ffn")
+        _check_range(self, "sequence_dropout", 0.0, 0.99)
         _check_literals(self)
 
 
@@ -131,10 +150,16 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     accelerator: Accelerator = "auto"  # Lightning accelerator: auto | cpu | gpu | cuda | mps | tpu
     devices: int | str = 1  # Lightning devices: a count, -1 (all), "auto" or ids like "0,1"
-    strategy: str = "auto"  # auto | ddp (multi-process) | deepspeed (GPU)
+    strategy: str = "auto"  # auto | ddp (multi-process) | deepspeed (GPU; ZeRO stage: zero_stage)
+    zero_stage: int = 2  # strategy=deepspeed: ZeRO stage 1 | 2 | 3 (configs/deepspeed/zero<stage>.json)
+    # several processes (ddp, deepspeed): every rank's users score every rank's items (recsys/losses/gather.py)
+    gather_negatives: bool = True  # cross-rank in-batch negatives under data parallelism
 
     def __post_init__(self):
         _check_positive(self, "epochs", "batch_size", "lr", "eval_batch_size")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} (DeepSpeed ZeRO); "
+                             f"got {self.zero_stage}")
         _check_range(self, "warmup_ratio", 0.0, 1.0)
         _check_range(self, "weight_decay", 0.0, None)
         _check_range(self, "grad_clip", 0.0, None)
@@ -269,6 +294,122 @@ class DistillConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """How the catalog is searched online and in `recsys evaluate --index` (recsys/retrieval/index.py)."""
+
+    index: IndexKind = "exact"  # exact (matmul + top-k) | flat | ivf | ivfpq | hnsw | sq8 | fp16 (faiss)
+    nlist: int = 1024  # ivf/ivfpq: k-means lists (at most the catalog size)
+    nprobe: int = 16  # ivf/ivfpq: lists searched per query
+    pq_m: int = 48  # ivfpq: sub-quantizers (must divide the embedding dim)
+    pq_nbits: int = 8  # ivfpq: bits per sub-quantizer code
+    refine: int = 0  # ivfpq: re-rank refine × k candidates with the exact vectors (0 = off)
+    hnsw_m: int = 32  # hnsw: neighbours per node (faiss M)
+    ef_construction: int = 80  # hnsw: candidate list while building
+    ef_search: int = 128  # hnsw: candidate list while searching (>= k)
+    k: int = 100  # items a request retrieves (evaluation ranks items not retrieved after all retrieved ones)
+    device: IndexDevice = "cpu"  # cpu | gpu (faiss GPU build and a CUDA device)
+    cache: bool = True  # keep item embeddings and built indexes per run and spec (results/cache/index/)
+
+    def __post_init__(self):
+        _check_literals(self)
+        _check_positive(self, "nlist", "nprobe", "pq_m", "hnsw_m", "ef_construction", "ef_search", "k")
+        _check_range(self, "pq_nbits", 1, 16)
+        _check_range(self, "refine", 0, None)
+        if self.index in ("ivf", "ivfpq") and self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
+        if self.index == "hnsw" and self.ef_search < self.k:
+            raise ValueError(f"ef_search ({self.ef_search}) must be >= k ({self.k}): HNSW returns at most "
+                             f"ef_search candidates")
+        if self.refine and self.index != "ivfpq":
+            raise ValueError(f"refine re-ranks compressed codes: it applies to index=ivfpq, not {self.index!r}")
+
+
+# the keys an index spec string may use (faiss's names beside ours), and which keys each index kind reads
+SPEC_ALIASES = {"M": "hnsw_m", "efConstruction": "ef_construction", "efSearch": "ef_search", "m": "pq_m",
+                "nbits": "pq_nbits"}
+INDEX_KEYS = {"exact": ("k",), "flat": ("k", "device"), "sq8": ("k", "device"), "fp16": ("k", "device"),
+              "ivf": ("nlist", "nprobe", "k", "device"),
+              "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "refine", "k", "device"),
+              "hnsw": ("hnsw_m", "ef_construction", "ef_search", "k")}
+
+
+def parse_index_spec(spec: str, base: RetrievalConfig | None = None) -> RetrievalConfig:
+    """An index from a compact spec string, e.g. "hnsw,M=32,efSearch=64", "ivf,nlist=4096,nprobe=32",
+    "ivfpq,nlist=1024,m=48,refine=4", "sq8", "exact" (faiss's key names or ours; other keys from `base`)."""
+    kind, *pairs = [p.strip() for p in str(spec).split(",")]
+    if kind not in choices(IndexKind):
+        raise RecsysError(f"index spec {spec!r}: unknown index {kind!r}{_suggest(kind, choices(IndexKind))}")
+    data = {**dataclasses.asdict(base or RetrievalConfig()), "index": kind}
+    given = set()
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        name = SPEC_ALIASES.get(key.strip(), key.strip())
+        if not sep or name not in INDEX_KEYS[kind]:
+            valid = sorted({*INDEX_KEYS[kind], *(a for a, n in SPEC_ALIASES.items() if n in INDEX_KEYS[kind])})
+            raise RecsysError(f"index spec {spec!r}: {pair!r} is not a setting of {kind} (key=value with key one of "
+                              f"{', '.join(valid)})")
+        data[name] = yaml.safe_load(raw)
+        given.add(name)
+    if "nlist" in given and "nprobe" not in given and isinstance(data["nlist"], int):
+        data["nprobe"] = min(data["nprobe"], data["nlist"])  # the default nprobe, within a small nlist
+    return from_dict(RetrievalConfig, data, f"index spec {spec!r}")
+
+
+def index_spec(cfg: RetrievalConfig) -> str:
+    """The compact spec string of an index (its own settings only): parse_index_spec(index_spec(c)) == c's index."""
+    keys = [k for k in INDEX_KEYS[cfg.index] if k != "device" or cfg.device != "cpu"]
+    short = {v: k for k, v in SPEC_ALIASES.items()}
+    return ",".join([cfg.index, *(f"{short.get(k, k)}={getattr(cfg, k)}" for k in keys)])
+
+
+@dataclass
+class SASRecConfig:
+    """SASRec (`recsys baselines --models sasrec`; recsys/models/sasrec.py): every point of the grid hidden x
+    dropout x max_len trained with early stopping on validation NDCG@10, the best point on validation tested."""
+
+    hidden: list[int] = field(default_factory=lambda: [64, 128])  # grid: embedding / hidden size
+    dropout: list[float] = field(default_factory=lambda: [0.2, 0.5])  # grid: dropout
+    max_len: list[int] = field(default_factory=lambda: [50, 200])  # grid: most recent items read
+    n_layers: int = 2  # self-attention blocks
+    n_heads: int = 1  # attention heads (must divide every hidden size)
+    epochs: int = 200  # most epochs per grid point
+    batch_size: int = 128  # users per batch
+    lr: float = 1.0e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay
+    eval_every: int = 5  # epochs between validations (early stopping)
+    patience: int = 4  # validations without improvement of val NDCG@10 before stopping
+    max_minutes: float | None = 3.0  # wall-clock budget per grid point
+    seed: int = 0  # seeds weights and batches
+
+    def __post_init__(self):
+        for k in ("hidden", "dropout", "max_len"):
+            if not getattr(self, k):
+                raise ValueError(f"{k}: the grid needs at least one value")
+        for h in self.hidden:
+            if h <= 0 or h % max(1, self.n_heads):
+                raise ValueError(f"hidden: {h} must be > 0 and divisible by n_heads ({self.n_heads})")
+        for p in self.dropout:
+            if not 0 <= p < 1:
+                raise ValueError(f"dropout: {p} must be in [0, 1)")
+        for n in self.max_len:
+            if n <= 0:
+                raise ValueError(f"max_len: the sequence length must be > 0, got {n}")
+        _check_positive(self, "n_layers", "n_heads", "epochs", "batch_size", "lr", "eval_every", "patience",
+                        "max_minutes")
+        _check_range(self, "weight_decay", 0.0, None)
+
+
+@dataclass
+class BaselinesConfig:
+    """The matrix baselines (`recsys baselines`; recsys/retrieval/baselines.py)."""
+
+    ease_max_items: int = 20000  # EASE^R refuses larger catalogs (N² memory, N³ time); ItemKNN stays sparse
+
+    def __post_init__(self):
+        _check_positive(self, "ease_max_items")
+
+
+@dataclass
 class RunConfig:
     """Everything `recsys train` needs; saved resolved with every run."""
 
@@ -278,8 +419,25 @@ class RunConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 
     def __post_init__(self):  # checks across sections
+        if self.model.user_tower == "sequence":
+            if self.distill.hidden_weight > 0:
+                raise ValueError("distill.hidden_weight: layer-wise hidden-state distillation maps text-encoder "
+                                 "layers; a sequence user tower reads item embeddings (use distill.alpha)")
+            c = self.compress
+            if c.precision != "fp32":
+                raise ValueError(f"compress.precision: a sequence user tower is served in fp32 (eager); got "
+                                 f"{c.precision!r}")
+            if c.importance_init or c.prune_ratio is not None:
+                raise ValueError("compress.importance_init / prune_ratio score text-tower units; with "
+                                 "model.user_tower=sequence learn the structure with gates and a penalty")
+            if c.lambda_latency > 0 or c.budget_metric == "latency":
+                raise ValueError("latency tables are measured for text towers: with model.user_tower=sequence "
+                                 "penalise or budget params or flops")
         if self.compress.importance_init and not self.model.init_from:
             raise ValueError("compress.importance_init scores the dense model's units: set model.init_from to a "
                              "finished dense run")

@@ -59,6 +59,9 @@ def build_module(cfg: RunConfig, distill: bool = True) -> TwoTowerModule:
             prepare_qat(tower, c.quantize_layers, c.int8_backend)
     if distill and cfg.distill.teacher:
         teacher_cfg, teacher = load_teacher(cfg.distill.teacher)
+        if teacher_cfg.model.user_tower != "text":
+            raise RecsysError(f"distill.teacher: {cfg.distill.teacher} has a {teacher_cfg.model.user_tower} user "
+                              "tower; a teacher reads user texts (the text two-tower)")
         module.attach_distiller(Distiller(cfg.distill, teacher, teacher_cfg.model.encoder, cfg.model.encoder,
                                           module.user_tower.dim, module.user_tower.encoder.shape, cfg.model.layers))
     return module
@@ -71,10 +74,11 @@ def load_teacher(target: str | Path) -> tuple[RunConfig, TwoTowerModule]:
     return load_run(target)
 
 
-def load_run(target: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, TwoTowerModule]:
+def load_run(target: str | Path, overrides: list[str] | None = None,
+             device: str | torch.device = "cpu") -> tuple[RunConfig, TwoTowerModule]:
     """A trained run's resolved config (with dotted `overrides`, e.g. another data.user_max_tokens to serve
-    it at) and its module with the checkpoint's weights (eval mode, CPU). A distilled run loads without its
-    teacher (the distillation projections are training-only)."""
+    it at) and its module with the checkpoint's weights (eval mode, on `device`: the CPU unless asked). A distilled
+    run loads without its teacher (the distillation projections are training-only)."""
     run_dir, ckpt = run_paths(target)
     cfg = (load_config(run_dir / "config.yaml", overrides) if overrides
            else from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")))
@@ -85,14 +89,18 @@ def load_run(target: str | Path, overrides: list[str] | None = None) -> tuple[Ru
         module.load_state_dict(state)
     except RuntimeError as e:
         raise RecsysError(f"{ckpt}: weights do not match the run's model ({str(e).splitlines()[0]})") from None
-    return cfg, module.eval()
+    return cfg, module.eval().to(device)
 
 
 def init_weights(module, source: str | Path) -> None:
     """Copy a finished run's tower weights into `module` (whose gates, budget multipliers and an identity-
     initialised projection may be new), e.g. to prune a fine-tuned dense model. Anything else missing or of
     another size is an error."""
-    _, ckpt = run_paths(source)
+    run_dir, ckpt = run_paths(source)
+    family = read_yaml(run_dir / "config.yaml").get("model", {}).get("user_tower", "text")
+    if family != module.model_cfg.user_tower:
+        raise RecsysError(f"model.init_from: {run_dir} has a {family} user tower; this model's is "
+                          f"{module.model_cfg.user_tower} (model.user_tower): its weights cannot start from it")
     state, own = load_checkpoint_state(ckpt), module.state_dict()
     fresh_projection = module.model_cfg.projection_dim is None  # added by output gates: identity
     for k, v in own.items():
@@ -122,8 +130,9 @@ def read_per_user(path: str | Path, metric: str) -> dict[str, float]:
 
 def check_lengths(cfg: RunConfig, module) -> None:
     """Token budgets within what the encoders can read (their position embeddings)."""
-    for key, tower in (("user_max_tokens", module.user_tower), ("train_user_max_tokens", module.user_tower),
-                       ("item_max_tokens", module.item_tower)):
+    users = () if module.sequence else (("user_max_tokens", module.user_tower),
+                                        ("train_user_max_tokens", module.user_tower))  # a sequence tower reads items
+    for key, tower in (*users, ("item_max_tokens", module.item_tower)):
         n, most = getattr(cfg.data, key), tower.encoder.shape.max_positions
         if n is not None and n > most:
             raise RecsysError(f"data.{key}: {n} tokens, but the encoder reads at most {most}")

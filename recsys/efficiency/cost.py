@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from recsys.config import RetrievalConfig
+from recsys.efficiency.index_cost import index_memory_bytes, index_work
 from recsys.efficiency.shape import Shape
 
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -109,9 +111,14 @@ def retrieval_flops(n_items: int, dim: int | torch.Tensor, batch: int = 1) -> to
     return 2 * batch * n_items * dim
 
 
-def online_cost(user_shape: Shape, n_items: int) -> dict[str, float]:
-    """One recommendation request: user tower at batch 1 + exact scoring of `n_items` items."""
+def online_cost(user_shape: Shape, n_items: int, index: RetrievalConfig | None = None) -> dict[str, float]:
+    """One recommendation request: user tower at batch 1 + scoring `n_items` items, exactly or through the
+    retrieval `index` (its counted work per query: recsys/efficiency/index_cost.py)."""
     user = cost(user_shape.replace(batch=1))
-    scoring = float(retrieval_flops(n_items, user_shape.embed_dim))
+    d = user_shape.embed_dim
+    if index is not None and index.index != "exact":
+        scoring, index_bytes = index_work(index, n_items, d)["flops"], index_memory_bytes(index, n_items, d)
+    else:
+        scoring, index_bytes = float(retrieval_flops(n_items, d)), n_items * d * BYTES["float32"]
     return {"user_params": user["params"], "user_flops": user["flops"], "retrieval_flops": scoring,
-            "flops": user["flops"] + scoring, "index_bytes": n_items * user_shape.embed_dim * BYTES["float32"]}
+            "flops": user["flops"] + scoring, "index_bytes": index_bytes}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from recsys.efficiency.device import synchronize
 from recsys.tracking.records import hardware, versions
 
 LOCK_PATH = Path(os.environ.get("RECSYS_LATENCY_LOCK", Path(tempfile.gettempdir()) / "recsys-latency.lock"))
@@ -66,15 +67,18 @@ def exclusive(lock_path: Path = LOCK_PATH, timeout: float = 3600):
 
 def measure(fn: Callable[[], object], warmup: int = 3, min_repeats: int = 10, max_repeats: int = 1000,
             min_seconds: float = 1.0) -> Timing:
-    """Time `fn()` after `warmup` calls, repeating until both `min_repeats` and `min_seconds` are reached."""
+    """Time `fn()` after `warmup` calls, repeating until both `min_repeats` and `min_seconds` are reached (on a
+    GPU each call is timed to the end of its kernels: `synchronize`)."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
         samples: list[float] = []
+        synchronize()
         start = time.perf_counter()
         while len(samples) < max_repeats and (len(samples) < min_repeats or time.perf_counter() - start < min_seconds):
             t = time.perf_counter()
             fn()
+            synchronize()
             samples.append((time.perf_counter() - t) * 1e3)
     return Timing(samples)
 
@@ -87,11 +91,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, per_roun
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
+        synchronize()
         for _ in range(rounds):
             for name, fn in fns.items():
                 for _ in range(per_round):
                     t = time.perf_counter()
                     fn()
+                    synchronize()
                     samples[name].append((time.perf_counter() - t) * 1e3)
     return {k: Timing(v) for k, v in samples.items()}
 

@@ -15,6 +15,7 @@ from recsys.config import DataConfig, TrainConfig
 from recsys.data.dataset import RecDataset
 from recsys.data.split import Split
 from recsys.data.text import user_text
+from recsys.models.sequence_tower import recent_items
 from recsys.models.tower import tokenize
 
 
@@ -34,11 +35,14 @@ class _Remaining(torch.utils.data.Sampler):
 
 class RecDataModule(pl.LightningDataModule):
     def __init__(self, dataset: RecDataset, split: Split, tokenizer, data: DataConfig, train: TrainConfig,
-                 tokenize_items: bool = True):
+                 tokenize_items: bool = True, sequence_items: int | None = None, user_text: bool = True):
         super().__init__()
         self.dataset, self.split, self.tokenizer = dataset, split, tokenizer
         self.data_cfg, self.train_cfg = data, train
         self.tokenize_items = tokenize_items  # False: the model looks its (frozen) item embeddings up by id
+        # a sequence user tower: batches carry each user's last `sequence_items` item ids ("user_items" [B, N]);
+        # user texts only where something reads them (`user_text`: a distillation teacher)
+        self.sequence_items, self.with_user_text = sequence_items, user_text
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it already trained): see resume_from
         self.item_texts = dataset.item_texts
         self.train_sets = [set(s.tolist()) for s in split.train]
@@ -92,13 +96,38 @@ class RecDataModule(pl.LightningDataModule):
                            for u, tgt in zip(users, targets, strict=True)])
         max_user = self.data_cfg.train_user_max_tokens or self.data_cfg.user_max_tokens
         return {
-            "user": tokenize(self.tokenizer, utexts, max_user),
+            **(self.sequence_batch([self.split.train[u][:t] for u, t in pairs]) if self.sequence_items else {}),
+            "user": tokenize(self.tokenizer, utexts, max_user) if self.with_user_text else None,
             "item": (tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens)
                      if self.tokenize_items else None),
             "items": torch.tensor(items),  # [B + M] item ids (a teacher's cached item embeddings are looked up)
             "false_negatives": fn,
             "log_q": self.log_q[items] if self.train_cfg.logq_correction else None,
+            # [B, H] each user's training items (-1 padded): false negatives among other ranks' items
+            # (cross-rank negatives, recsys/losses/gather.py)
+            "history": self.histories(users) if self.train_cfg.gather_negatives else None,
         }
+
+    def sequence_batch(self, histories: list[np.ndarray], stage_items: bool = True) -> dict:
+        """A sequence tower's inputs: "user_items" [B, N] the last N item ids (oldest first, -1 padded); end to
+        end (items tokenized) also the batch's distinct history items ("user_item_ids" [U], sorted) and their
+        tokenized texts ("user_item_text"), which the item tower encodes in the step."""
+        recent = recent_items(histories, self.sequence_items)  # [B, N]
+        out = {"user_items": recent}
+        if self.tokenize_items and stage_items:
+            ids = torch.unique(recent[recent >= 0])  # [U] sorted
+            out["user_item_ids"] = ids
+            out["user_item_text"] = tokenize(self.tokenizer, [self.item_texts[int(i)] for i in ids],
+                                             self.data_cfg.item_max_tokens)
+        return out
+
+    def histories(self, users: list[int]) -> torch.Tensor:
+        """[B, H] the training items of each user (H: the longest of them), padded with -1."""
+        rows = [self.split.train[u] for u in users]
+        out = torch.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            out[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        return out
 
     # --- validation: full ranking of the validation targets ---------------------------------------------
     def val_dataloader(self) -> DataLoader:
@@ -110,5 +139,8 @@ class RecDataModule(pl.LightningDataModule):
         return user_text(self.item_texts, self.split.history(user, stage), self.data_cfg.history_items)
 
     def collate_users(self, users: list[int], stage: str) -> dict:
+        if self.sequence_items:  # validation reads the catalog embeddings computed for it
+            return {"users": torch.tensor(users),
+                    **self.sequence_batch([self.split.history(u, stage) for u in users], stage_items=False)}
         texts = [self.user_text(u, stage) for u in users]
         return {"users": torch.tensor(users), "user": tokenize(self.tokenizer, texts, self.data_cfg.user_max_tokens)}

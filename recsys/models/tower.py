@@ -32,6 +32,10 @@ class Tower(nn.Module):
         """The encoder's shape with this tower's output dim (None without a projection)."""
         return self.encoder.shape.replace(output_dim=self.projection.out_features if self.projection else None)
 
+    def like(self, encoder: nn.Module, output_dim: int | None) -> Tower:
+        """A tower of this kind around another (compact) encoder (the caller fills the projection)."""
+        return Tower(encoder, encoder.shape.hidden, output_dim)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """`gates` overrides this tower's own gate values (e.g. all-ones tensors for importance scores)."""
@@ -81,11 +85,13 @@ def tower_scorers(user_tower, item_tower, tokenizer, item_texts: list[str], spli
     items = item_emb if item_emb is not None else encode_texts(
         item_tower, tokenizer, item_texts, data_cfg.item_max_tokens, batch_size, desc="encode items",
         progress=progress)
+    device = next(user_tower.parameters()).device  # full ranking runs where the towers are (CPU: as before)
+    items = items.to(device)
     users = split.eval_users
     scorers = {}
     for stage in stages:
         texts = [user_text(item_texts, split.history(int(u), stage), data_cfg.history_items) for u in users]
         emb = encode_texts(user_tower, tokenizer, texts, data_cfg.user_max_tokens, batch_size,
-                           desc=f"encode users ({stage})", progress=progress)
+                           desc=f"encode users ({stage})", progress=progress).to(device)
         scorers[stage] = embedding_scorer(emb, users, split.n_users, items)
     return scorers

@@ -19,9 +19,11 @@ from recsys.config import CompressConfig, DistillConfig, ModelConfig, TrainConfi
 from recsys.efficiency.cost import SoftShape
 from recsys.errors import RecsysError
 from recsys.losses.contrastive import InBatchSoftmaxLoss
+from recsys.losses.gather import false_negatives, gather_items, world
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
 from recsys.models.gates import TowerGates
+from recsys.models.sequence_tower import build_sequence_tower, lookup
 from recsys.models.teacher import Distiller, capture_hidden
 from recsys.models.tower import Tower, encode_texts
 from recsys.retrieval.evaluate import ranks_for_users
@@ -70,10 +72,16 @@ class TwoTowerModule(pl.LightningModule):
         self.distill_cfg: DistillConfig = from_dict(DistillConfig, distill or {}, "distill")
         c = self.compress_cfg
         m = self.model_cfg
-        self.user_tower = build_tower(m.encoder, m, c)
-        self.separate = m.item_encoder is not None or not m.shared_towers or m.freeze_item_tower
-        self.item_tower = (build_tower(m.item_encoder or m.encoder, m, None if m.freeze_item_tower else c)
-                           if self.separate else self.user_tower)
+        self.sequence = m.user_tower == "sequence"  # a user tower over item embeddings (models/sequence_tower.py)
+        if self.sequence:  # the item tower encodes texts; the small transformer (gated, if any) reads its output
+            self.item_tower = build_tower(m.item_encoder or m.encoder, m, None)
+            self.user_tower = build_sequence_tower(m, self.item_tower.dim, m.sequence_items, c)
+            self.separate = True
+        else:
+            self.user_tower = build_tower(m.encoder, m, c)
+            self.separate = m.item_encoder is not None or not m.shared_towers or m.freeze_item_tower
+            self.item_tower = (build_tower(m.item_encoder or m.encoder, m, None if m.freeze_item_tower else c)
+                               if self.separate else self.user_tower)
         if m.freeze_item_tower:  # fixed catalog embeddings: trained neither by the task nor by penalties
             self.item_tower.requires_grad_(False)
         # [n_items, d] embeddings of a frozen item tower's catalog, handed in by the recipe (not saved: the
@@ -99,6 +107,7 @@ class TwoTowerModule(pl.LightningModule):
         self.distiller: Distiller | None = None  # attached by recsys.runs.build_module when distilling
         self.val_ranks, self.val_users = CatMetric(), CatMetric()
         self._item_emb: torch.Tensor | None = None
+        self._item_keys: torch.Tensor | None = None
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -108,14 +117,15 @@ class TwoTowerModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hidden = self.distiller is not None and self.distiller.hidden is not None
         with capture_hidden(self.user_tower.encoder) if hidden else nullcontext() as student_hidden:
-            u = self.user_tower(**batch["user"])  # [B, d]
+            u = self.user_embeddings(batch)  # [B, d]
         i = self.item_embeddings(batch)  # [B + M, d]
-        task = self.loss(u, i, self.temperature, batch["false_negatives"], batch.get("log_q"))
+        i, batch, share = self.gather_negatives(i, batch, u.shape[0])  # [N, d]: every rank's items, its own first
+        task = share * self.loss(u, i, self.temperature, batch["false_negatives"], batch.get("log_q"))
         terms = {"train/task_loss": task, "train/temperature": self.temperature}
         loss = task
         if self.distiller is not None:
             distill, distill_terms = self.distiller(u, i, self.temperature, batch, student_hidden)
-            loss = loss + distill
+            loss = loss + share * distill
             terms.update(distill_terms)
         if self.user_costs is not None and not self.user_tower.gates.frozen:
             structure, cost_terms = self.structure_loss()
@@ -125,14 +135,39 @@ class TwoTowerModule(pl.LightningModule):
         self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=u.shape[0])
         return loss
 
+    def user_embeddings(self, batch: dict, catalog: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d] user embeddings of a batch: the text tower over its user texts, or the sequence tower over the
+        embeddings of its users' last N items (`batch["user_items"]` [B, N], -1 padded), looked up in `catalog`
+        [n_items, d] (validation) or a frozen item tower's cache, else encoded in the batch (end to end)."""
+        if not self.sequence:
+            return self.user_tower(**batch["user"])
+        table = catalog if catalog is not None else self.item_cache
+        if table is None:  # end to end: the item tower encodes the batch's history items (gradients reach it)
+            ids = batch["user_item_ids"].to(self.device)  # [U] sorted distinct history items
+            table_ids = torch.searchsorted(ids, batch["user_items"].clamp(min=0).to(self.device))  # [B, N]
+            emb = self.item_tower(**batch["user_item_text"])[table_ids]  # [B, N, d]
+            mask = batch["user_items"].to(self.device) >= 0  # [B, N]
+            return self.user_tower(emb * mask[..., None], mask)
+        return self.user_tower(*lookup(batch["user_items"], table))
+
     def item_embeddings(self, batch: dict, gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[B + M, d] embeddings of a batch's items: looked up in a frozen item tower's cached catalog, else
         encoded. `gates` (importance scoring) reaches the item side only where the towers share gates."""
         if self.item_cache is not None:
-            return self.item_cache[batch["items"].to(self.item_cache.device)]
-        if gates is not None and self.separate:
-            gates = None
-        return self.item_tower(**batch["item"], gates=gates)
+            items = self.item_cache[batch["items"].to(self.item_cache.device)]
+        else:
+            items = self.item_tower(**batch["item"], gates=None if self.separate else gates)
+        return self.user_tower.represent(items) if self.sequence else items  # a sequence tower's adaptor
+
+    def gather_negatives(self, items: torch.Tensor, batch: dict, n_users: int) -> tuple[torch.Tensor, dict, float]:
+        """Under data parallelism (train.gather_negatives, several ranks): every rank's items [N, d] gathered with
+        gradient, this rank's first, with their ids, log q and false-negative mask rebuilt for the gathered
+        columns, and the weight of this rank's mean (recsys/losses/gather.py). One process: as they are."""
+        if not self.train_cfg.gather_negatives or world()[1] == 1:
+            return items, batch, 1.0
+        g = gather_items(items, batch["items"].to(items.device), batch.get("log_q"), n_users)
+        fn = false_negatives(batch["history"].to(items.device), g.ids[:n_users], g.ids)  # [B, N]
+        return g.items, {**batch, "items": g.ids, "false_negatives": fn, "log_q": g.log_q}, g.share
 
     @property
     def towers(self) -> list[Tower]:
@@ -256,14 +291,16 @@ class TwoTowerModule(pl.LightningModule):
         dm = self.trainer.datamodule
         if self.item_cache is not None:
             self._item_emb = self.item_cache
-            return
-        self._item_emb = encode_texts(self.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens,
-                                      self.train_cfg.eval_batch_size, desc="encode items",
-                                      progress=False).to(self.device)
+        else:
+            self._item_emb = encode_texts(self.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens,
+                                          self.train_cfg.eval_batch_size, desc="encode items",
+                                          progress=False).to(self.device)
+        # what users are scored against: a sequence tower's item representations (its adaptor), else the same
+        self._item_keys = self.user_tower.represent(self._item_emb) if self.sequence else self._item_emb
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        u = self.user_tower(**batch["user"])  # [B, d]
-        scores = u.float() @ self._item_emb.T  # [B, N]
+        u = self.user_embeddings(batch, self._item_emb)  # [B, d]
+        scores = u.float() @ self._item_keys.T  # [B, N]
         users = batch["users"].cpu().numpy()
         ranks = ranks_for_users(scores, self.trainer.datamodule.split, users, "val")
         self.val_ranks.update(ranks)
@@ -278,4 +315,4 @@ class TwoTowerModule(pl.LightningModule):
         metrics = summarize(per_user_metrics(ranks[first]))
         for k, v in metrics.items():
             self.log(f"val/{k}", v, prog_bar=k == "ndcg@10", sync_dist=False)
-        self._item_emb = None
+        self._item_emb = self._item_keys = None

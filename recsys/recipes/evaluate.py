@@ -11,11 +11,14 @@ import torch
 
 from recsys.config import RunConfig
 from recsys.data.registry import dataset_slug, load_data
+from recsys.efficiency.device import resolve_device
 from recsys.errors import RecsysError
 from recsys.models.datamodule import RecDataModule
 from recsys.models.encoder import load_tokenizer, resolve_model_path
+from recsys.models.sequence_tower import sequence_scorers
 from recsys.models.tower import encode_texts, tower_scorers
-from recsys.retrieval.evaluate import EvalResult, evaluate
+from recsys.retrieval.distributed import evaluate_sharded, gather_rows, shard, world
+from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
 from recsys.retrieval.metrics import METRIC_COLUMNS
 from recsys.runs import check_lengths, load_run
 from recsys.serving.materialize import materialize
@@ -24,11 +27,49 @@ from recsys.tracking.records import markdown_table
 
 
 def evaluate_module(module, dm, stages=("val", "test"), progress: bool = True) -> dict[str, EvalResult]:
-    """Full-ranking evaluation of a two-tower module on `stages`: items encoded once, users in batches."""
+    """Full-ranking evaluation of a two-tower module on `stages`: items encoded once, users in batches, on the
+    module's device. In a process group of several ranks (after a DDP or DeepSpeed fit) every rank encodes and
+    ranks its shard and all get the whole result (`evaluate_module_sharded`)."""
+    if module.sequence:
+        return evaluate_sequence_module(module.user_tower, module, dm, stages, progress)
+    if world()[1] > 1:
+        return evaluate_module_sharded(module, dm, stages)
     bs = module.train_cfg.eval_batch_size
     scorers = tower_scorers(module.user_tower, module.item_tower, dm.tokenizer, dm.item_texts, dm.split,
                             dm.data_cfg, stages, bs, progress)
     return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
+
+
+def evaluate_sequence_module(user_tower, module, dm, stages=("val", "test"),
+                             progress: bool = True) -> dict[str, EvalResult]:
+    """A sequence user tower (`user_tower`: the module's, or as served) on `stages`: the catalog encoded once by
+    the item tower (a frozen one's cache as it is), each user's last N items looked up in it (one process)."""
+    bs = module.train_cfg.eval_batch_size
+    items = module.item_cache if module.item_cache is not None else encode_texts(
+        module.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens, bs, desc="encode items",
+        progress=progress)
+    scorers = sequence_scorers(user_tower, items, dm.split, stages, bs)
+    return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
+
+
+def evaluate_module_sharded(module, dm, stages=("val", "test")) -> dict[str, EvalResult]:
+    """`evaluate_module` split over the ranks of a process group: each rank encodes a shard of the catalog
+    (gathered: every rank ranks against all items) and its shard of the evaluated users, whose ranks are gathered
+    (recsys.retrieval.distributed): the same per-user ranks, hence the same metrics, as one process."""
+    rank, n = world()
+    bs, data, split = module.train_cfg.eval_batch_size, dm.data_cfg, dm.split
+    device = next(module.user_tower.parameters()).device
+    texts = dm.item_texts[shard(len(dm.item_texts), rank, n, "catalog items")]
+    items = gather_rows(encode_texts(module.item_tower, dm.tokenizer, texts, data.item_max_tokens, bs,
+                                     progress=False).to(device))  # [N, d]
+    users = split.eval_users[shard(len(split.eval_users), rank, n)]  # this rank's users
+    out = {}
+    for stage in stages:
+        user_texts = [dm.user_text(int(u), stage) for u in users]
+        emb = encode_texts(module.user_tower, dm.tokenizer, user_texts, data.user_max_tokens, bs,
+                           progress=False).to(device)  # [U_r, d]
+        out[stage] = evaluate_sharded(embedding_scorer(emb, users, split.n_users, items), split, stage, bs)
+    return out
 
 
 def served_tower(tower, cfg: RunConfig):
@@ -42,17 +83,21 @@ def served_tower(tower, cfg: RunConfig):
 
 
 def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
-                 overrides: list[str] | None = None, served: bool = False) -> EvalResult:
+                 overrides: list[str] | None = None, served: bool = False, device: str = "cpu") -> EvalResult:
     """Re-evaluate a trained run (folder or checkpoint) on `stage` with the run's own config (and dotted
     `overrides`, e.g. data.user_max_tokens=64 to read shorter user texts). `served`: the towers as
     compress.precision serves them (e.g. overrides compress.precision=int8 compress.int8_backend=onnxruntime:
-    the accuracy of post-training int8)."""
+    the accuracy of post-training int8). `device`: where the towers encode and the catalog is ranked (cpu,
+    cuda, auto)."""
     if stage not in ("val", "test"):
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
-    cfg, module = load_run(target, overrides)
+    cfg, module = load_run(target, overrides, resolve_device(device))
     check_lengths(cfg, module)
     ds, split = load_data(cfg.data)
     dm = RecDataModule(ds, split, load_tokenizer(resolve_model_path(cfg.model.encoder)), cfg.data, cfg.train)
+    if served and module.sequence:
+        result = evaluate_sequence_module(served_tower(module.user_tower, cfg), module, dm, (stage,), progress)
+        return replace(result[stage], user_ids=ds.user_ids)
     if served:
         user = served_tower(module.user_tower, cfg)
         item = user if module.item_tower is module.user_tower else served_tower(module.item_tower, cfg)

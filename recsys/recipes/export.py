@@ -23,6 +23,9 @@ def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> d
         raise RecsysError(f"--format: unknown format {fmt!r} (expected {', '.join(FORMATS)})")
     run_dir, _ = run_paths(target)
     cfg, module = load_run(target)
+    if module.sequence:  # its transformer reads item vectors, not tokens: no HF / token-input format fits it
+        raise RecsysError(f"{run_dir}: recsys export writes text towers; a sequence user tower is served from its "
+                          "run folder (recsys.recipes.profile.online_request), not exported")
     if not module.gated:
         raise RecsysError(f"{run_dir}: run has no gates to materialize (train it with compress.gates=[...])")
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))

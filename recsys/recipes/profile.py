@@ -16,6 +16,7 @@ from recsys.efficiency.predictor import calibrate, calibration_shapes, predict, 
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
 from recsys.models.encoder import BertEncoder, model_config
+from recsys.models.sequence_tower import input_cost, user_input_length
 from recsys.models.tower import Tower
 from recsys.runs import load_run
 from recsys.serving.latency_tables import load_or_build, measure_towers
@@ -127,15 +128,16 @@ def online_request(run_dir: str | Path, seq_len: int | None = None,
     `overrides` change how the run is served (e.g. its data.user_max_tokens), not its weights. The one way
     every sweep and benchmark measures a run's request."""
     run_cfg, module = load_run(run_dir, overrides)
-    seq = seq_len or run_cfg.data.user_max_tokens
+    seq = seq_len or user_input_length(run_cfg.model, run_cfg.data)  # tokens, or a sequence tower's N items
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)
     route = route_for(run_cfg.compress.precision, run_cfg.compress.int8_backend)
     user, search = request_calls(tower, seq, n_items, route, run_cfg.compress.quantize_layers)
     shape = tower.shape.replace(seq_len=seq, batch=1)
     c = online_cost(shape, n_items)
-    return (lambda: (user(), search())), {"params": c["user_params"], "flops": c["flops"], "n_items": n_items,
-                                          "shape": shape}
+    extra = input_cost(tower, seq) if module.sequence else {"params": 0, "flops": 0}  # its input layers
+    return (lambda: (user(), search())), {"params": c["user_params"] + extra["params"],
+                                          "flops": c["flops"] + extra["flops"], "n_items": n_items, "shape": shape}
 
 
 def _catalog_size(run_dir: str | Path, run_cfg) -> int:

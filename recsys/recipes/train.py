@@ -28,9 +28,12 @@ from recsys.losses.penalties import CostNormaliser
 from recsys.models.datamodule import RecDataModule
 from recsys.models.encoder import load_tokenizer, resolve_model_path
 from recsys.models.importance import init_gates_by_importance, prune_by_importance
+from recsys.models.sequence_tower import user_input_length
 from recsys.models.tower import encode_texts
 from recsys.models.two_tower import MONITOR
+from recsys.recipes.deepspeed import check_deepspeed, deepspeed_final_module, deepspeed_strategy
 from recsys.recipes.evaluate import evaluate_module
+from recsys.retrieval.distributed import broadcast_from_zero, shard
 from recsys.runs import build_module, check_lengths, init_weights
 from recsys.serving.latency_tables import load_or_build
 from recsys.serving.materialize import materialize
@@ -52,7 +55,7 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds += time.perf_counter() - self._t
-        self.examples += batch["user"]["input_ids"].shape[0]
+        self.examples += batch["false_negatives"].shape[0]  # users of the batch (text or sequence towers)
 
     @property
     def rate(self) -> float:
@@ -89,7 +92,7 @@ def _online_latency(module, cfg: RunConfig, n_items: int) -> dict:
     """The run's online request measured once at the end of training (materialized user tower at batch 1 and
     its token budget, served at compress.precision, + exact retrieval): median and p90 ms on this machine."""
     tower = materialize(module.user_tower)
-    user, search = request_calls(tower, cfg.data.user_max_tokens, n_items,
+    user, search = request_calls(tower, user_input_length(cfg.model, cfg.data), n_items,
                                  route_for(cfg.compress.precision, cfg.compress.int8_backend),
                                  cfg.compress.quantize_layers)
     with threads(None), exclusive():
@@ -123,6 +126,23 @@ def _trainer(**kwargs) -> pl.Trainer:
         raise RecsysError(f"train.accelerator/devices/strategy/precision: Lightning rejected them ({msg})") from None
 
 
+def _processes(train) -> int:
+    """Processes a fit will run (devices given as a count or ids; 1 when Lightning decides: -1, "auto")."""
+    d = train.devices
+    if isinstance(d, str) and d != "auto":
+        return len([p for p in d.split(",") if p.strip()])
+    return d if isinstance(d, int) and d > 0 else 1
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint file, or a DeepSpeed checkpoint folder (ZeRO shards), if present."""
+    if path.is_dir():
+        import shutil
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _finish(trainer: pl.Trainer, status: str = "success") -> None:
     """Close the loggers; end the W&B run so the next `train` in this process starts its own."""
     for lg in trainer.loggers:
@@ -154,7 +174,7 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
             scores = init_gates_by_importance(module, batches, c.gate_init, c.importance_spread)
             print(f"gates initialised by importance: {', '.join(scores)}", flush=True)
     if module.costed:
-        user_base = module.user_tower.shape.replace(seq_len=cfg.data.user_max_tokens, batch=1)
+        user_base = module.user_tower.shape.replace(seq_len=user_input_length(cfg.model, cfg.data), batch=1)
         needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
         tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend))
                   if needs_latency else None)
@@ -170,14 +190,20 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resu
     `callbacks` are extra Lightning callbacks (a sweep's pruning reporter). A failed or interrupted fit leaves
     its last full-state checkpoint (every `train.checkpoint_every_steps` steps) in `<run>.partial/`; `resume`
     continues from it, mid-epoch included, with the same config."""
+    if cfg.train.strategy == "deepspeed":  # before anything is loaded or written: the package, a GPU
+        check_deepspeed(cfg.train)
     ds, split = load_data(cfg.data)
+    shard(len(split.eval_users), 0, _processes(cfg.train))  # more processes than evaluated users: one line
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = build_module(cfg)
     check_lengths(cfg, module)
     if cfg.model.init_from:
         init_weights(module, cfg.model.init_from)
-    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train, tokenize_items=not cfg.model.freeze_item_tower)
+    sequence = cfg.model.user_tower == "sequence"  # batches carry item ids; user texts only for a text teacher
+    dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train, tokenize_items=not cfg.model.freeze_item_tower,
+                       sequence_items=cfg.model.sequence_items if sequence else None,
+                       user_text=not sequence or bool(cfg.distill.teacher))
     prepare_module(module, dm, cfg)
     name = cfg.tracking.run_name or f"{dataset_slug(cfg.data)}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     final = Path(cfg.tracking.results_dir) / "runs" / name
@@ -215,7 +241,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resu
         trainer = _trainer(
             max_epochs=cfg.train.epochs,
             max_time=({"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None),
-            accelerator=cfg.train.accelerator, devices=cfg.train.devices, strategy=cfg.train.strategy,
+            accelerator=cfg.train.accelerator, devices=cfg.train.devices,
+            strategy=deepspeed_strategy(cfg.train) if cfg.train.strategy == "deepspeed" else cfg.train.strategy,
             precision=cfg.train.precision, gradient_clip_val=cfg.train.grad_clip or None,
             val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,
             reload_dataloaders_every_n_epochs=1, logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
@@ -238,14 +265,19 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resu
             _finish(trainer, "failed")
             raise
         fit_minutes = (time.perf_counter() - t0) / 60
+        best = ckpt.best_model_path
+        if cfg.train.strategy == "deepspeed":  # the ZeRO checkpoint -> a plain fp32 state dict (recipes/deepspeed)
+            module = deepspeed_final_module(trainer, module, cfg, best)
+        elif best:  # rank 0 reads the best checkpoint and hands its weights to the other ranks, if any
+            module.load_state_dict(broadcast_from_zero(
+                lambda: torch.load(best, map_location="cpu", weights_only=True)["state_dict"]))
+        # evaluated where it was fitted (Lightning's teardown moved it to the CPU); several ranks: users sharded
+        module.to(trainer.strategy.root_device)
+        results = evaluate_module(module, dm, ("val", "test") if test else ("val",), progress)
+        module.to("cpu")
         if not trainer.is_global_zero:
             return {}
-        (run_dir / LAST).unlink(missing_ok=True)  # a finished run needs no resume state
-        best = ckpt.best_model_path
-        if best:
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-        module.to("cpu")
-        results = evaluate_module(module, dm, ("val", "test") if test else ("val",), progress)
+        _remove(run_dir / LAST)  # a finished run needs no resume state
         val = results["val"]
         val.write_per_user(run_dir / "per_user_val.csv", ds.user_ids)
         best_score = ckpt.best_model_score  # None for a gated run (it keeps its final model)

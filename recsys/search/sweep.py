@@ -19,6 +19,7 @@ Optuna does not prune multi-objective studies, so multi-objective trials always 
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -165,6 +166,15 @@ def progress(study, cfg: SweepConfig, trial, values: list[float], minutes: float
           f"{len(done) + 1}/{cfg.n_trials} complete, ETA {left * (mean or minutes):.0f} min", flush=True)
 
 
+def _gpu_ids() -> list[str]:
+    """The CUDA devices this process may use ($CUDA_VISIBLE_DEVICES, else all), as ids; [] without CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
 def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, overrides: list[str] | None = None,
           report: bool = True) -> dict | None:
     """Run the study with `workers` local processes (this one included), then write the report."""
@@ -178,7 +188,9 @@ def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, ov
             raise RecsysError("--workers needs the sweep to come from a config file")
         cmd = [sys.executable, "-m", "recsys.cli", "sweep", "--config", config_path, "--no-report",
                *(overrides or [])]
-        procs = [subprocess.Popen(cmd) for _ in range(workers - 1)]
+        gpus = _gpu_ids()  # local workers each on their own GPU (round robin): this one the first, worker i the i-th
+        procs = [subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus
+                                  else None) for i in range(1, workers)]
     try:
         run_worker(cfg)
     finally:

@@ -19,7 +19,7 @@ from recsys.models.tower import Tower
 def materialize(tower: Tower) -> Tower:
     """The compact tower of a gated `tower` (a tower without gates is returned as a plain copy)."""
     if tower.gates is None:
-        shape = tower.encoder.shape
+        shape = tower.shape  # with its projection's output dim
         z = None
     else:
         shape = tower.gates.hard_shape()
@@ -52,7 +52,7 @@ def materialize(tower: Tower) -> Tower:
             new.ffn.down.weight.copy_(old.ffn.down.weight[:, neurons] * scale)
             new.ffn.down.bias.copy_(old.ffn.down.bias)
             new.ffn.ln.load_state_dict(old.ffn.ln.state_dict())
-    out = Tower(enc, shape.hidden, shape.output_dim)
+    out = tower.like(enc, shape.output_dim)  # a text Tower, or a sequence tower (its input layers copied)
     if tower.projection is not None:
         if z is not None and z["output"] is not None:
             dims = torch.nonzero(z["output"] > 0).flatten()

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 
 from recsys.efficiency.latency import exclusive, measure, retrieval_call, threads, tower_inputs, user_tower_call
+from recsys.errors import RecsysError
+from recsys.models.sequence_tower import SequenceTower, lookup
 from recsys.serving.quantize import serve
 
 
@@ -25,10 +27,27 @@ def served_user_call(tower: torch.nn.Module, seq_len: int, route: str = "fp32",
     return lambda: served(inputs)
 
 
+def sequence_user_call(tower: SequenceTower, n_history: int, n_items: int,
+                       seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A sequence user tower at batch 1: `n_history` item vectors gathered from a cached catalog
+    [n_items, d_item] (unit vectors), then the small transformer over them."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.nn.functional.normalize(torch.randn(n_items, tower.item_dim, generator=g), dim=-1)
+    ids = torch.randint(0, n_items, (1, n_history), generator=g)  # [1, N]
+    tower.eval()
+    return lambda: tower(*lookup(ids, table))
+
+
 def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int, route: str = "fp32",
                   layers=("attention", "ffn")) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
-    """(user tower at batch 1 served by `route`, exact retrieval over `n_items`) of one request."""
-    user = served_user_call(tower, seq_len, route, layers)
+    """(user tower at batch 1 served by `route`, exact retrieval over `n_items`) of one request. A sequence user
+    tower reads `seq_len` history items: their vectors looked up in the cached catalog, then its transformer."""
+    if isinstance(tower, SequenceTower):
+        if route != "fp32":
+            raise RecsysError(f"a sequence user tower is served in fp32 (eager), not by route {route!r}")
+        user = sequence_user_call(tower, seq_len, n_items)
+    else:
+        user = served_user_call(tower, seq_len, route, layers)
     return user, retrieval_call(n_items, int(user().shape[-1]))
 
 

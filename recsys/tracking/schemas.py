@@ -17,6 +17,17 @@ SCHEMAS: dict[str, tuple[list[str], tuple[str, list[str]] | None]] = {
                               ("runs", ["kind", "seed", "test", "measured_ms_median", "user_max_tokens",
                                         "history_items"])),
     "recipe_throughput.json": (["variants", "hardware"], None),
+    # issue 19: data-parallel training on the CPU (experiments/ddp_scaling.py) and the one-GPU check (gpu_check.py)
+    "ddp_scaling.json": (["rows", "deepspeed", "hardware"],
+                         ("rows", ["processes", "gather_negatives", "examples_per_s"])),
+    "gpu_check.json": (["device", "train_bf16", "deepspeed_zero2", "full_ranking", "item_encoding", "faiss_gpu",
+                        "hardware"], None),
+    "retrieval_scale.json": (["catalogs", "bar", "generator_check", "blas", "peak_rss_mb", "hardware"],
+                             ("catalogs", ["n_items", "exact", "indexes"])),
+    # issue 17: user-tower families (experiments/user_towers.py); the same schema on ML-100K and the ML-1M subset
+    **{f"{d}_user_towers.json": (["rows", "dataset", "aim"],
+                                 ("rows", ["name", "ndcg@10", "recall@10", "n_seeds", "train_minutes",
+                                           "measured_ms_median"])) for d in ("ml100k", "ml1m")},
 }
 
 
