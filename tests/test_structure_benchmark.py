@@ -77,3 +77,12 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
     assert out["best"]["speedup"] == out["dense"]["measured_ms_median"] / out["best"]["measured_ms_median"]
     assert [r["kind"] for r in out["runs"]] == ["best", "dense"]
     assert out["selection"]["stage"] == "val" and out["hardware"]["cpu_flags"] is not None
+    # a share no trial reaches: nothing is retrained; the JSON says so, with the closest trials of both studies
+    none = subprocess.run([sys.executable, "experiments/ml100k_structure.py", "--config", str(cfg), "--share", "100",
+                           "--out", str(tmp_path / "missed.json")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert none.returncode == 0, none.stderr[-3000:]
+    miss = json.loads((tmp_path / "missed.json").read_text())
+    assert miss["best"] is None and miss["runs"] == [] and "reaches 10000%" in miss["missed"]
+    assert miss["selection"]["candidates"] == 0 and len(miss["selection"]["closest"]) == 2
+    assert miss["posthoc_selection"]["completed"] == 2 and "ndcg@10" in miss["dense"]
