@@ -136,9 +136,10 @@ class Generator:
         self.weights = np.asarray(self.weights, dtype=np.float64) / np.sum(self.weights)
         self.dim = d
 
-    def sample(self, n: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+    def sample(self, n: int, seed: int, chunk: int = 100_000, out: np.ndarray | None = None) -> np.ndarray:
+        """[n, dim] generated items (written into `out` when given: no second copy of a 1.5 GB catalog)."""
         rng = np.random.default_rng(seed)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        out = np.empty((n, self.dim), dtype=np.float32) if out is None else out
         for s in range(0, n, chunk):
             m = min(chunk, n - s)
             which = rng.choice(len(self.weights), m, p=self.weights)
@@ -148,7 +149,8 @@ class Generator:
                 x = self.means[j] + (z * self.spreads[j]) @ self.dirs[j]
                 x += self.noise[j] * rng.standard_normal((len(rows), self.dim), dtype=np.float32)
                 out[s + rows] = x
-        out /= np.linalg.norm(out, axis=1, keepdims=True)
+            block = out[s:s + m]
+            block /= np.linalg.norm(block, axis=1, keepdims=True)  # per chunk: no full-size temporary
         return out
 
 
@@ -211,10 +213,13 @@ def run_catalog(n: int, real_items: np.ndarray, real_queries: np.ndarray, gen: G
     """One catalog size: exact against every index of `index_grid`."""
     n_real = min(len(real_items), n)
     log(f"== catalog {n:,} items ({n_real:,} real + {n - n_real:,} generated)")
-    items = np.concatenate([real_items[:n_real], gen.sample(n - n_real, seed=n)]) if n > n_real else real_items[:n]
+    items = np.empty((n, real_items.shape[1]), dtype=np.float32)  # real items first, generated in place after
+    items[:n_real] = real_items[:n_real]
+    if n > n_real:
+        gen.sample(n - n_real, seed=n, out=items[n_real:])
     queries = np.concatenate([real_queries, gen.sample(N_QUERIES - len(real_queries), seed=10 ** 9 + n)])
     items_t, queries_t = torch.from_numpy(items), torch.from_numpy(queries)
-    truth = exact_topk(queries_t, items_t, 10).numpy()
+    truth = exact_topk(queries_t, items_t, 10, chunk=64).numpy()  # 64 × N scores at a time (256 MB at 1M)
     exact_b1, exact_b64 = exact_calls(queries_t, items_t, 1), exact_calls(queries_t, items_t, 64)
     big = n >= 500_000
     row = {"n_items": n, "n_real": n_real, "n_queries": N_QUERIES, "indexes": []}
@@ -251,7 +256,7 @@ def run_catalog(n: int, real_items: np.ndarray, real_queries: np.ndarray, gen: G
             row["indexes"].append(entry)
             log(f"  {entry['spec']}: recall@10 {rec:.3f}, {entry['ms_b1_p50']:.3f} ms b1 "
                 f"({entry['speedup_b1']:.1f}x exact), {entry['qps_b64']:.0f} QPS b64 ({entry['speedup_b64']:.1f}x)")
-        del index
+        del index, ix  # the last searched view holds the faiss index too: free it before the next build
         gc.collect()
     row["peak_rss_mb"] = peak_rss_mb()
     return row

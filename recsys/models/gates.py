@@ -20,9 +20,10 @@ import math
 import torch
 from torch import nn
 
-from recsys.config import GateKind, choices
+from recsys.config import CompressConfig, GateKind, choices
 from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.shape import LayerShape, Shape
+from recsys.errors import RecsysError
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 KINDS = choices(GateKind)  # what can be gated (config `compress.gates`)
@@ -142,3 +143,15 @@ class TowerGates(nn.Module):
         if out == 0:
             raise ValueError("gates closed every output dimension; the tower has no embedding left")
         return self.base.replace(layers=tuple(layers), output_dim=out)
+
+
+def gates_for(shape: Shape, compress: CompressConfig | None) -> TowerGates | None:
+    """The gates `compress.gates` asks for on a tower of `shape` (None when it asks for none); an impossible
+    request (e.g. an FFN group that does not divide the width) is one line."""
+    kinds = compress.gates if compress is not None else []
+    if not kinds:
+        return None
+    try:
+        return TowerGates(shape, tuple(kinds), compress.ffn_group, compress.gate_init)
+    except ValueError as e:
+        raise RecsysError(str(e)) from None

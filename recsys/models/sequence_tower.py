@@ -28,7 +28,7 @@ from recsys.data.split import Split
 from recsys.efficiency.shape import LayerShape, Shape
 from recsys.errors import RecsysError
 from recsys.models.encoder import BertEncoder
-from recsys.models.gates import TowerGates
+from recsys.models.gates import TowerGates, gates_for
 from recsys.retrieval.evaluate import Scorer, embedding_scorer
 
 
@@ -123,11 +123,7 @@ def build_sequence_tower(cfg: ModelConfig, item_dim: int, n_items: int,
     if "output" in gates:
         raise RecsysError("compress.gates: 'output' gates the user embedding's dims, which a sequence tower shares "
                           "with the (ungated) item tower; gate heads, ffn or blocks")
-    if gates:
-        try:
-            tower.gates = TowerGates(tower.shape, tuple(gates), compress.ffn_group, compress.gate_init)
-        except ValueError as e:
-            raise RecsysError(str(e)) from None
+    tower.gates = gates_for(tower.shape, compress)
     return tower
 
 

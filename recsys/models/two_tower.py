@@ -22,7 +22,7 @@ from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.gather import false_negatives, gather_items, world
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
-from recsys.models.gates import TowerGates
+from recsys.models.gates import gates_for
 from recsys.models.sequence_tower import build_sequence_tower, lookup
 from recsys.models.teacher import Distiller, capture_hidden
 from recsys.models.tower import Tower, encode_texts
@@ -49,11 +49,7 @@ def build_tower(name: str, cfg: ModelConfig, compress: CompressConfig | None = N
         with torch.no_grad():
             tower.projection.weight.copy_(torch.eye(dim))
             tower.projection.bias.zero_()
-    if gates:
-        try:
-            tower.gates = TowerGates(tower.shape, tuple(gates), compress.ffn_group, compress.gate_init)
-        except ValueError as e:
-            raise RecsysError(str(e)) from None
+    tower.gates = gates_for(tower.shape, compress)
     return tower
 
 

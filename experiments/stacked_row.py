@@ -1,0 +1,174 @@
+"""The stacked row (issue 18 §5): structure × int8 × index, against the dense fp32 model with exact search.
+
+    python experiments/stacked_row.py --data-dir ../shared/datasets    # ≈ 5-8 min on 2 CPU cores
+    (after experiments/ml100k_pareto.py, ml100k_structure.py and retrieval_scale.py, whose outputs it reads)
+
+→ results/benchmarks/stacked_row.json
+
+1. MovieLens-100K, the largest real catalog with trained runs here (1,682 items): test NDCG@10 of
+   - dense: the reference run at the input length chosen on validation (issue 16), fp32, exact search;
+   - stacked: the fastest structure-only model within 97% of dense on validation (`ml100k_structure.json`'s pick;
+     where the λ study has none, the post-hoc study's pick, and the JSON says which), its user tower served int8
+     (`--int8-backend`, post-training), its catalog searched through `--index`: user embeddings from the served
+     tower, metrics from the index's candidates (`recsys.retrieval.index_eval.evaluate_index`), and the same user
+     embeddings ranked exactly (what the index costs in accuracy).
+   Online requests at batch 1 (user tower + search), interleaved in one process: dense, structure fp32 exact,
+   structure int8 exact, stacked.
+2. 1,000,000 items: the same user towers, each followed by a search over 1M 384-d items (real MiniLM item embeddings
+   extended by `retrieval_scale.Generator`): exact (torch matmul + top-k) for dense, `--big-index` for stacked.
+   Latency only (no interactions exist for a generated catalog); the index's recall@10 there is in
+   retrieval_scale.json.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from recsys.serving.index_route import set_blas_coretype  # noqa: E402
+
+CORETYPE = set_blas_coretype()  # before faiss (and its OpenBLAS) is loaded
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from common import write_benchmark  # noqa: E402
+from retrieval_scale import Generator, real_embeddings  # noqa: E402
+
+from recsys.config import parse_index_spec  # noqa: E402
+from recsys.data.text import user_text  # noqa: E402
+from recsys.efficiency.latency import exclusive, interleaved, threads  # noqa: E402
+from recsys.errors import RecsysError  # noqa: E402
+from recsys.models.encoder import load_tokenizer, resolve_model_path  # noqa: E402
+from recsys.models.tower import encode_texts  # noqa: E402
+from recsys.recipes.evaluate import evaluate_run, served_tower  # noqa: E402
+from recsys.recipes.profile import online_request  # noqa: E402
+from recsys.recipes.retrieval_index import online_request_index, run_index  # noqa: E402
+from recsys.retrieval.index import build_index  # noqa: E402
+from recsys.retrieval.index_eval import evaluate_index  # noqa: E402
+from recsys.runs import load_run  # noqa: E402
+from recsys.serving.index_route import blas_info, index_request_calls, request_call  # noqa: E402
+from recsys.serving.materialize import materialize  # noqa: E402
+from recsys.serving.quantize import route_for  # noqa: E402
+
+
+def structure_run(structure_json: Path) -> tuple[Path, str]:
+    """The structure-only model the stack starts from, and where it came from."""
+    s = json.loads(structure_json.read_text())
+    if s.get("best"):
+        run = next(r["run"] for r in s["runs"] if r["kind"] == "best" and r["seed"] == 0)
+        return Path(run), "λ search: ml100k_structure.json best (seed 0)"
+    pick = (s.get("posthoc_selection") or {}).get("pick")
+    if not pick:
+        raise RecsysError(f"{structure_json}: no structure-only model within the share of dense in either study")
+    run = Path("results/sweeps") / s["posthoc_selection"]["study"] / "runs" / f"trial-{pick['trial']:04d}"
+    return run, (f"post-hoc pruning trial {pick['trial']} (no λ trial reaches {s['selection']['share_of_dense']:.0%}"
+                 f" of dense on validation): {pick['overrides']}")
+
+
+def served_users(run: Path, spec: str, overrides: list[str]):
+    """(test evaluation through the index, exact) of `run`'s users encoded by its served (int8) user tower."""
+    cfg, module, ds, split, items, index = run_index(run, spec, progress=False, overrides=overrides)
+    tok = load_tokenizer(resolve_model_path(cfg.model.encoder))
+    texts = [user_text(ds.item_texts, split.history(int(u), "test"), cfg.data.history_items)
+             for u in split.eval_users]
+    users = encode_texts(served_tower(module.user_tower, cfg), tok, texts, cfg.data.user_max_tokens,
+                         cfg.train.eval_batch_size, progress=False)
+    return evaluate_index(users, items, index, split, "test", cfg.train.eval_batch_size)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", default="results/runs/ml-100k-bench-seed0")
+    ap.add_argument("--structure-json", default="results/benchmarks/ml100k_structure.json")
+    ap.add_argument("--index", default="ivf,nlist=40,nprobe=10,k=100", help="index over the real catalog")
+    ap.add_argument("--big-index", default="ivf,nlist=4000,nprobe=64,k=10", help="index over the 1M catalog")
+    ap.add_argument("--n-items", type=int, default=1_000_000)
+    ap.add_argument("--int8-backend", default="torchao")
+    ap.add_argument("--data-dir", default="../shared/datasets")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out", default="results/benchmarks/stacked_row.json")
+    args = ap.parse_args(argv)
+    dense = Path(args.dense)
+    tuned_path = Path("results/sweeps") / f"reference-input-{dense.name}.json"
+    best_in = max(json.loads(tuned_path.read_text()), key=lambda r: r["ndcg@10"])
+    dense_over = [f"data.user_max_tokens={best_in['user_max_tokens']}",
+                  f"data.history_items={best_in['history_items']}"]
+    struct, source = structure_run(Path(args.structure_json))
+    int8 = ["compress.precision=int8", f"compress.int8_backend={args.int8_backend}"]
+    print(f"dense {dense} {dense_over}; structure {struct} ({source})", flush=True)
+
+    # 1. accuracy on the real catalog (test)
+    acc = {"dense": evaluate_run(dense, "test", progress=False, overrides=dense_over).metrics,
+           "structure": evaluate_run(struct, "test", progress=False).metrics,
+           "structure_int8": evaluate_run(struct, "test", progress=False, overrides=int8, served=True).metrics}
+    through = served_users(struct, args.index, int8)
+    acc["stacked"] = through.index.metrics
+    for k, m in acc.items():
+        print(f"{k:16s} test NDCG@10 {m['ndcg@10']:.4f}", flush=True)
+
+    # 1b. online requests over the real catalog, interleaved
+    calls = {"dense": online_request(dense, overrides=dense_over)[0],
+             "structure": online_request(struct)[0],
+             "structure_int8": online_request(struct, overrides=int8)[0],
+             "stacked": online_request_index(struct, args.index, overrides=int8)[0]}
+    with threads(None), exclusive():
+        real = interleaved(calls, rounds=args.rounds, per_round=5)
+
+    # 2. the same user towers over a 1M catalog
+    gen = Generator(real_embeddings(Path(args.data_dir)))
+    catalog = torch.from_numpy(gen.sample(args.n_items, seed=1))  # [N, 384]
+    big_cfg = parse_index_spec(args.big_index)
+    big = build_index(catalog, big_cfg)
+    d_cfg, d_mod = load_run(dense, dense_over)
+    d_user, _ = index_request_calls(materialize(d_mod.user_tower), d_cfg.data.user_max_tokens, big, "fp32")
+    s_cfg, s_mod = load_run(struct, int8)
+    s_user, _ = index_request_calls(materialize(s_mod.user_tower), s_cfg.data.user_max_tokens, big,
+                                    route_for(s_cfg.compress.precision, s_cfg.compress.int8_backend),
+                                    s_cfg.compress.quantize_layers)
+
+    def exact_request():
+        u = d_user()
+        u = (u[0] if isinstance(u, (tuple, list)) else u).reshape(1, -1).float()
+        return torch.topk(u @ catalog.T, 10).indices
+
+    with threads(None), exclusive():
+        at_1m = interleaved({"dense_exact": exact_request, "stacked": request_call(s_user, big)},
+                            rounds=max(4, args.rounds // 2), per_round=3)
+
+    def row(name, ms_dense, t, metrics=None):
+        r = {"name": name, "measured_ms_median": t.p50, "measured_ms_p90": t.p90, "speedup": ms_dense / t.p50}
+        if metrics is not None:
+            r.update({"ndcg@10": metrics["ndcg@10"], "recall@10": metrics["recall@10"],
+                      "ndcg_share_of_dense": metrics["ndcg@10"] / acc["dense"]["ndcg@10"]})
+        return r
+
+    out = {"dataset": "ml-100k", "catalog_items": json.loads((dense / "metrics.json").read_text()).get("catalog_items"),
+           "dense": {"run": str(dense), "serving_overrides": dense_over},
+           "structure": {"run": str(struct), "source": source},
+           "int8": {"backend": args.int8_backend, "kind": "post-training (simulated for accuracy, real kernels timed)"},
+           "index": args.index, "index_recall_vs_exact": through.recall_vs_exact,
+           "stacked_exact_ndcg@10": through.exact.metrics["ndcg@10"],
+           "rows": [row(n, real["dense"].p50, real[n], acc[n]) for n in calls],
+           "at_1m": {"n_items": args.n_items, "big_index": args.big_index,
+                     "rows": [row(n, at_1m["dense_exact"].p50, at_1m[n]) for n in at_1m]},
+           "blas": {"OPENBLAS_CORETYPE": CORETYPE, **blas_info()}}
+    stacked = next(r for r in out["rows"] if r["name"] == "stacked")
+    out["aim"] = {"speedup": stacked["speedup"], "ndcg_share_of_dense": stacked["ndcg_share_of_dense"],
+                  "needs": {"speedup": 10, "ndcg_share": 0.97}}
+    write_benchmark(args.out, out)
+    for r in out["rows"] + out["at_1m"]["rows"]:
+        print(f"{r['name']:16s} {r['measured_ms_median']:8.2f} ms  {r['speedup']:6.2f}x  "
+              f"{r.get('ndcg@10', float('nan')):.4f}", flush=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
