@@ -1,6 +1,6 @@
 """User-tower families on the accuracy–latency front (issue 17): SASRec, the sequence tower, the text two-tower, EASE^R.
 
-    python experiments/user_towers.py --dataset ml-100k --data-dir ../shared/datasets
+    python experiments/user_towers.py --dataset ml-100k --data-dir ../shared/datasets --text-item-tower
     python experiments/user_towers.py --dataset ml-1m --path ../shared/datasets/ml-1m-subset --text-seeds 0,1,2
 
 → results/benchmarks/{ml100k,ml1m}_user_towers.json: one row per model (test split, full ranking; trained models
@@ -17,6 +17,9 @@ results/runs/):
 - The text two-tower: ML-100K reuses the committed numbers (results/benchmarks/ml100k_baselines.json, 3 seeds) and
   results/runs/ml-100k-bench-seed0 for latency; on another dataset `--text-seeds` trains it (configs/ml100k.yaml,
   ≈ 15–25 min per seed), without them the row is left out.
+- With `--text-item-tower`: the sequence tower again, over the text two-tower's fine-tuned item tower (exported to
+  results/cache/, frozen) instead of the zero-shot encoder — 3 seeds × ≈ 3.5 min; its train_minutes include the
+  text run's.
 - EASE^R: λ chosen on validation (seconds on ML-100K, ≈ 1 min on ML-1M).
 Expected total on 2 cores: ≈ 45–60 min on ML-100K; ≈ 1.5 h on the ML-1M subset plus 3 text seeds (≈ 1 h more).
 `--smoke` runs everything at toy size on the synthetic dataset (a minute), for tests.
@@ -103,6 +106,20 @@ def ease_call(weights: np.ndarray, history: int, k: int = 10):
     return lambda: torch.topk(row @ w, k).indices
 
 
+def text_item_encoder(text_run: Path, results: Path) -> tuple[Path, int]:
+    """The text two-tower's fine-tuned item tower as a Hugging Face folder (written once under results/cache/), and
+    its item token budget: a sequence tower can read those item vectors instead of the zero-shot encoder's."""
+    from recsys.models.encoder import load_tokenizer, resolve_model_path
+    from recsys.runs import load_run
+    from recsys.serving.export import export_tower
+
+    cfg, module = load_run(text_run)
+    out = results / "cache" / f"{text_run.name}-item-tower-hf"
+    if not (out / "config.json").is_file():
+        export_tower(module.item_tower, load_tokenizer(resolve_model_path(cfg.model.encoder)), out, "hf")
+    return out, cfg.data.item_max_tokens
+
+
 def run_row(name: str, runs: list[Path]) -> dict:
     ms = [json.loads((r / "metrics.json").read_text()) for r in runs]
     return {"name": name, **mean_rows([m["test"] for m in ms]), "n_seeds": len(ms),
@@ -123,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the synthetic dataset (tests)")
     ap.add_argument("--encoder", default="minilm", help="--smoke: the encoder (a tiny BERT folder in tests)")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--text-item-tower", action="store_true",
+                    help="also a sequence tower over the text two-tower's fine-tuned (frozen) item vectors")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = Path(args.results)
@@ -178,6 +197,17 @@ def main(argv=None) -> int:
         text_run = text_run or text_runs[0]
     else:
         print("== text two-tower: no run (pass --text-seeds 0,1,2 to train it); its row is left out", flush=True)
+    # the sequence tower over the text two-tower's fine-tuned item vectors (frozen): a two-stage model whose
+    # training time includes the text run's
+    seq_text_runs = []
+    if args.text_item_tower and text_run is not None:
+        encoder, item_tokens = text_item_encoder(text_run, results)
+        seq_text_runs = [train_or_reuse(config, [*data, *seq_over, f"model.encoder={encoder}",
+                                                 f"data.item_max_tokens={item_tokens}", f"train.seed={s}"],
+                                        f"{slug}-sequence-ft-seed{s}", results) for s in seeds]
+        rows["sequence_tower_text_items"] = run_row("sequence_tower_text_items", seq_text_runs)
+        rows["sequence_tower_text_items"]["train_minutes"] += rows["text_two_tower"]["train_minutes"]
+        rows["sequence_tower_text_items"]["item_tower"] = f"{text_run} (fine-tuned, frozen; {encoder})"
     # the text run served at its input length chosen on validation (issue 16: the honest dense reference), when
     # experiments/ml100k_pareto.py has chosen it: test metrics of that one run, and its own request below
     tuned_path = results / "sweeps" / f"reference-input-{text_run.name}.json" if text_run else None
@@ -197,6 +227,8 @@ def main(argv=None) -> int:
     calls["sequence_tower"], costs["sequence_tower"] = online_request(seq_runs[0])
     if text_run is not None:
         calls["text_two_tower"], costs["text_two_tower"] = online_request(text_run)
+    if seq_text_runs:
+        calls["sequence_tower_text_items"], costs["sequence_tower_text_items"] = online_request(seq_text_runs[0])
     if tuned_over is not None:
         calls["text_two_tower_tuned_input"], costs["text_two_tower_tuned_input"] = online_request(
             text_run, overrides=tuned_over)
@@ -221,6 +253,12 @@ def main(argv=None) -> int:
         out["bar_vs_tuned_input"] = {"speedup_vs_text": text["measured_ms_median"] / seq["measured_ms_median"],
                                      "ndcg_vs_text": seq["ndcg@10"] / text["ndcg@10"],
                                      "needs": {"speedup": 10, "ndcg_ratio": 0.97}}
+    if "sequence_tower_text_items" in rows and "text_two_tower" in rows:  # the bar, for the two-stage variant
+        seq = rows["sequence_tower_text_items"]
+        out["bar_text_items"] = {
+            name: {"speedup_vs_text": rows[name]["measured_ms_median"] / seq["measured_ms_median"],
+                   "ndcg_vs_text": seq["ndcg@10"] / rows[name]["ndcg@10"], "needs": {"speedup": 10, "ndcg_ratio": 0.97}}
+            for name in ("text_two_tower", "text_two_tower_tuned_input") if name in rows}
     best = max(rows.values(), key=lambda r: r["ndcg@10"])
     out["aim"] = {"best": best["name"], "vs_ease": best["ndcg@10"] / rows["ease"]["ndcg@10"], "needs": 1.10}
     path = Path(args.out or results / "benchmarks" / f"{short}_user_towers.json")
