@@ -5,6 +5,7 @@ Scripts run as `python experiments/<name>.py`, which puts this folder on the imp
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from recsys.tracking.quiet import quiet_third_party
@@ -60,3 +61,12 @@ def stamp() -> dict:
 def write_benchmark(path: str | Path, payload: dict) -> None:
     """Write results/benchmarks/<name>.json: the payload plus its stamp."""
     write_json(Path(path), {**payload, **stamp()})
+
+
+def exit_with(main) -> None:
+    """A benchmark script's entry point: `main()`'s return code, or a user error as one line and exit 2."""
+    try:
+        sys.exit(main())
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -34,7 +34,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import write_benchmark  # noqa: E402
+from common import exit_with, write_benchmark  # noqa: E402
 from retrieval_scale import Generator, real_embeddings  # noqa: E402
 
 from recsys.config import parse_index_spec  # noqa: E402
@@ -167,8 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecsysError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)

@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import train_or_reuse, write_benchmark
+from common import exit_with, train_or_reuse, write_benchmark
 
 from recsys.config import SASRecConfig, load_config
 from recsys.data.registry import dataset_slug, load_data
 from recsys.efficiency.latency import exclusive, interleaved, threads
-from recsys.errors import RecsysError
 from recsys.models.sasrec import SASRec, fit_sasrec, left_padded, run_sasrec, sasrec_scorer
 from recsys.recipes.evaluate import evaluate_run
 from recsys.recipes.profile import online_request
@@ -272,8 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecsysError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)
