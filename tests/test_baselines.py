@@ -66,3 +66,25 @@ def test_collaborative_baselines_beat_popularity_and_pick_by_validation():
     assert ease.metrics["ndcg@10"] > pop.metrics["ndcg@10"]
     assert knn_info["k"] in (10, "all") and ease_info["lambda"] in (10.0, 100.0)
     assert len(pop.users) == len(split.eval_users)
+
+
+def test_baselines_scale_benchmark_reports_grid_time_and_memory(tmp_path):
+    """experiments/baselines_scale.py at toy size: ItemKNN's whole validation grid and one EASE^R λ are timed, EASE^R's
+    cost is stated before it fits, and the JSON carries the peak memory and the machine."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, "experiments/baselines_scale.py", "--users", "600", "--items", "400",
+                           "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["items"] == 400 and res["train_interactions"] > 0
+    assert res["itemknn"]["grid_and_test_seconds"] > 0 and res["itemknn"]["chosen_k"] is not None
+    assert res["ease"]["stated"].startswith("EASE^R on 400 items") and res["ease"]["runs"][0]["lambda"] == 500.0
+    assert res["peak_rss_gb"] > 0 and res["hardware"]["cpu_flags"] is not None
