@@ -5,6 +5,7 @@ Scripts run as `python experiments/<name>.py`, which puts this folder on the imp
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -70,3 +71,14 @@ def exit_with(main) -> None:
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def tuned_input(sweeps_dir: str | Path, run: str | Path) -> list[str] | None:
+    """The serving overrides (token budget, history items) at which `run` scores best on validation, as
+    experiments/ml100k_pareto.py chose and cached them (`<sweeps_dir>/reference-input-<run name>.json`); None
+    before it has."""
+    path = Path(sweeps_dir) / f"reference-input-{Path(run).name}.json"
+    if not path.is_file():
+        return None
+    best = max(json.loads(path.read_text()), key=lambda r: r["ndcg@10"])
+    return [f"data.user_max_tokens={best['user_max_tokens']}", f"data.history_items={best['history_items']}"]

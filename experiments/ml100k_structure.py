@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import time_requests, train_or_reuse, write_benchmark
+from common import time_requests, train_or_reuse, tuned_input, write_benchmark
 
 from recsys.config import load_config
 from recsys.errors import RecsysError
@@ -87,12 +87,10 @@ def main(argv=None) -> int:
     try:
         cfg = load_sweep(args.config, [], data)
         if cfg.tune_reference_input and not cfg.reference_overrides:  # as ml100k_pareto.py chose it
-            tuned = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
-            if not tuned.is_file():
+            cfg.reference_overrides = tuned_input(cfg.folder.parent, cfg.reference_run)
+            if cfg.reference_overrides is None:
+                tuned = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
                 raise RecsysError(f"{tuned} missing: run experiments/ml100k_pareto.py first")
-            best_in = max(json.loads(tuned.read_text()), key=lambda r: r["ndcg@10"])
-            cfg.reference_overrides = [f"data.user_max_tokens={best_in['user_max_tokens']}",
-                                       f"data.history_items={best_in['history_items']}"]
         ref = reference_costs(cfg)
         lam = candidates(cfg, ref, args.share)
         if lam["pick"] is None:

@@ -34,7 +34,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import exit_with, write_benchmark  # noqa: E402
+from common import exit_with, tuned_input, write_benchmark  # noqa: E402
 from retrieval_scale import Generator, real_embeddings  # noqa: E402
 
 from recsys.config import parse_index_spec  # noqa: E402
@@ -92,10 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/benchmarks/stacked_row.json")
     args = ap.parse_args(argv)
     dense = Path(args.dense)
-    tuned_path = Path("results/sweeps") / f"reference-input-{dense.name}.json"
-    best_in = max(json.loads(tuned_path.read_text()), key=lambda r: r["ndcg@10"])
-    dense_over = [f"data.user_max_tokens={best_in['user_max_tokens']}",
-                  f"data.history_items={best_in['history_items']}"]
+    dense_over = tuned_input("results/sweeps", dense)
+    if dense_over is None:
+        raise RecsysError(f"no validation-tuned input length for {dense}: run experiments/ml100k_pareto.py first")
     struct, source = structure_run(Path(args.structure_json))
     int8 = ["compress.precision=int8", f"compress.int8_backend={args.int8_backend}"]
     print(f"dense {dense} {dense_over}; structure {struct} ({source})", flush=True)

@@ -97,13 +97,7 @@ def main(argv=None) -> int:
 
 def _tuned_overrides(cfg) -> list[str]:
     """The reference's input length as experiments/ml100k_pareto.py chose it on validation."""
-    import json
-
-    path = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
-    if not path.is_file():
-        return []
-    best = max(json.loads(path.read_text()), key=lambda r: r["ndcg@10"])
-    return [f"data.user_max_tokens={best['user_max_tokens']}", f"data.history_items={best['history_items']}"]
+    return common.tuned_input(cfg.folder.parent, cfg.reference_run) or []
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import exit_with, train_or_reuse, write_benchmark
+from common import exit_with, train_or_reuse, tuned_input, write_benchmark
 
 from recsys.config import SASRecConfig, load_config
 from recsys.data.registry import dataset_slug, load_data
@@ -208,17 +208,14 @@ def main(argv=None) -> int:
         rows["sequence_tower_text_items"]["item_tower"] = f"{text_run} (fine-tuned, frozen; {encoder})"
     # the text run served at its input length chosen on validation (issue 16: the honest dense reference), when
     # experiments/ml100k_pareto.py has chosen it: test metrics of that one run, and its own request below
-    tuned_path = results / "sweeps" / f"reference-input-{text_run.name}.json" if text_run else None
-    tuned_over = None
-    if tuned_path is not None and tuned_path.is_file():
-        best_in = max(json.loads(tuned_path.read_text()), key=lambda r: r["ndcg@10"])
-        tuned_over = [f"data.user_max_tokens={best_in['user_max_tokens']}",
-                      f"data.history_items={best_in['history_items']}"]
+    tuned_over = tuned_input(results / "sweeps", text_run) if text_run else None
+    if tuned_over is not None:
         test = evaluate_run(text_run, "test", progress=False, overrides=tuned_over).metrics
         rows["text_two_tower_tuned_input"] = {
             "name": "text_two_tower_tuned_input", **{k: test[k] for k in METRICS}, "n_seeds": 1,
             "train_minutes": rows["text_two_tower"]["train_minutes"], "serving_overrides": tuned_over,
-            "source": f"{text_run} at the input length best on validation ({tuned_path})"}
+            "source": f"{text_run} at the input length best on validation "
+                      f"({results / 'sweeps' / f'reference-input-{text_run.name}.json'})"}
 
     # latency: every row's online request at batch 1, interleaved in one process under the measurement lock
     calls, costs = {}, {}
