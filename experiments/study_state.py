@@ -28,6 +28,7 @@ from recsys.search.study import load_sweep, open_study, reap_stale
 from recsys.tracking.records import environment_record, write_json
 
 RUN_FILES = ("metrics.json", "test_metrics.json", "config.yaml", "record.json")  # record: the machine it ran on
+REPORT_FILES = ("summary.json", "pareto.csv", "trials.csv", "sweep.json")  # the report, beside the journal
 
 
 def save(cfg, dest: Path) -> int:
@@ -45,6 +46,9 @@ def save(cfg, dest: Path) -> int:
     shutil.rmtree(out, ignore_errors=True)
     (out / "runs").mkdir(parents=True)
     shutil.copy2(cfg.folder / "journal.log", out / "journal.log")
+    for f in REPORT_FILES:  # the study's report as it stood (its summary carries the machine it was measured on)
+        if (cfg.folder / f).is_file():
+            shutil.copy2(cfg.folder / f, out / f)
     write_json(out / "machine.json", environment_record())  # where the state was saved (trials: runs/*/record.json)
     for t in front:
         run = Path(t.user_attrs["run_dir"])

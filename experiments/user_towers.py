@@ -17,9 +17,10 @@ results/runs/):
 - The text two-tower: ML-100K reuses the committed numbers (results/benchmarks/ml100k_baselines.json, 3 seeds) and
   results/runs/ml-100k-bench-seed0 for latency; on another dataset `--text-seeds` trains it (configs/ml100k.yaml,
   ≈ 15–25 min per seed), without them the row is left out.
-- With `--text-item-tower`: the sequence tower again, over the text two-tower's fine-tuned item tower (exported to
-  results/cache/, frozen) instead of the zero-shot encoder — 3 seeds × ≈ 3.5 min; its train_minutes include the
-  text run's.
+- With `--text-item-tower`: the sequence tower again, over the text two-tower's fine-tuned item tower
+  (`model.item_tower_from=<text run>`, frozen) instead of the zero-shot encoder — 3 seeds × ≈ 3.5 min; its
+  train_minutes include the text run's. (ML-100K's runs of it were trained from the same weights exported to a
+  Hugging Face folder: their item-tower weights equal the text run's exactly.)
 - EASE^R: λ chosen on validation (seconds on ML-100K, ≈ 1 min on ML-1M).
 Expected total on 2 cores: ≈ 45–60 min on ML-100K; ≈ 1.5 h on the ML-1M subset plus 3 text seeds (≈ 1 h more).
 `--smoke` runs everything at toy size on the synthetic dataset (a minute), for tests.
@@ -104,18 +105,14 @@ def ease_call(weights: np.ndarray, history: int, k: int = 10):
     return lambda: torch.topk(row @ w, k).indices
 
 
-def text_item_encoder(text_run: Path, results: Path) -> tuple[Path, int]:
-    """The text two-tower's fine-tuned item tower as a Hugging Face folder (written once under results/cache/), and
-    its item token budget: a sequence tower can read those item vectors instead of the zero-shot encoder's."""
-    from recsys.models.encoder import load_tokenizer, resolve_model_path
+def text_item_tower(text_run: Path) -> list[str]:
+    """Overrides that put the text two-tower's fine-tuned item tower under the sequence tower
+    (`model.item_tower_from`, frozen by configs/ml100k_sequence.yaml), with the run's item encoder and token budget."""
     from recsys.runs import load_run
-    from recsys.serving.export import export_tower
 
-    cfg, module = load_run(text_run)
-    out = results / "cache" / f"{text_run.name}-item-tower-hf"
-    if not (out / "config.json").is_file():
-        export_tower(module.item_tower, load_tokenizer(resolve_model_path(cfg.model.encoder)), out, "hf")
-    return out, cfg.data.item_max_tokens
+    cfg, _ = load_run(text_run)
+    return [f"model.item_tower_from={text_run}", f"model.encoder={cfg.model.item_encoder or cfg.model.encoder}",
+            f"data.item_max_tokens={cfg.data.item_max_tokens}"]
 
 
 def run_row(name: str, runs: list[Path]) -> dict:
@@ -199,13 +196,12 @@ def main(argv=None) -> int:
     # training time includes the text run's
     seq_text_runs = []
     if args.text_item_tower and text_run is not None:
-        encoder, item_tokens = text_item_encoder(text_run, results)
-        seq_text_runs = [train_or_reuse(config, [*data, *seq_over, f"model.encoder={encoder}",
-                                                 f"data.item_max_tokens={item_tokens}", f"train.seed={s}"],
+        item_tower = text_item_tower(text_run)
+        seq_text_runs = [train_or_reuse(config, [*data, *seq_over, *item_tower, f"train.seed={s}"],
                                         f"{slug}-sequence-ft-seed{s}", results) for s in seeds]
         rows["sequence_tower_text_items"] = run_row("sequence_tower_text_items", seq_text_runs)
         rows["sequence_tower_text_items"]["train_minutes"] += rows["text_two_tower"]["train_minutes"]
-        rows["sequence_tower_text_items"]["item_tower"] = f"{text_run} (fine-tuned, frozen; {encoder})"
+        rows["sequence_tower_text_items"]["item_tower"] = f"{text_run} (fine-tuned, frozen; model.item_tower_from)"
     # the text run served at its input length chosen on validation (issue 16: the honest dense reference), when
     # experiments/ml100k_pareto.py has chosen it: test metrics of that one run, and its own request below
     tuned_over = tuned_input(results / "sweeps", text_run) if text_run else None

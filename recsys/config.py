@@ -101,6 +101,9 @@ class ModelConfig:
     # the item tower is fixed (separate from the user tower, no gates): its catalog embeddings are computed once
     # per fit and looked up, so a step trains the user tower only (1.3-1.4x the examples/s at 64-token users)
     freeze_item_tower: bool = False  # item tower fixed as loaded; its catalog embeddings cached
+    # e.g. a sequence user tower over the text two-tower's fine-tuned item vectors (with freeze_item_tower: fixed);
+    # the encoder and data.item_max_tokens must be the run's; not with a shared tower (it would replace the user's)
+    item_tower_from: str | None = None  # a finished run whose item tower initialises this model's item tower
     # the user tower's family: text (the encoder over the titles of the last data.history_items items) | sequence
     # (UniSRec-style: a small transformer over the item tower's embeddings of those items + positions)
     user_tower: UserTower = "text"  # text | sequence (the sequence_* keys below shape a sequence tower)
@@ -124,6 +127,10 @@ class ModelConfig:
         _check_positive(self, "sequence_items", "sequence_layers", "sequence_heads", "sequence_hidden",
                         "sequence_ffn")
         _check_range(self, "sequence_dropout", 0.0, 0.99)
+        if (self.item_tower_from and self.user_tower == "text" and self.shared_towers and self.item_encoder is None
+                and not self.freeze_item_tower):
+            raise ValueError("item_tower_from: the user and item towers are one shared encoder here; set "
+                             "model.shared_towers=false or model.freeze_item_tower=true (or use model.init_from)")
         _check_literals(self)
 
 
@@ -435,9 +442,6 @@ class RunConfig:
             if c.importance_init or c.prune_ratio is not None:
                 raise ValueError("compress.importance_init / prune_ratio score text-tower units; with "
                                  "model.user_tower=sequence learn the structure with gates and a penalty")
-            if c.lambda_latency > 0 or c.budget_metric == "latency":
-                raise ValueError("latency tables are measured for text towers: with model.user_tower=sequence "
-                                 "penalise or budget params or flops")
         if self.compress.importance_init and not self.model.init_from:
             raise ValueError("compress.importance_init scores the dense model's units: set model.init_from to a "
                              "finished dense run")

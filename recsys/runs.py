@@ -114,6 +114,37 @@ def init_weights(module, source: str | Path) -> None:
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+def init_item_tower(module, source: str | Path, cfg: RunConfig) -> None:
+    """Copy a finished run's item tower into `module`'s (`model.item_tower_from`), e.g. the text two-tower's
+    fine-tuned item tower under a sequence user tower. The run must encode items as this config does (same item
+    encoder and data.item_max_tokens: its item vectors are what is reused) and its item tower must be dense."""
+    run_dir, ckpt = run_paths(source)
+    src = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    theirs = src.model.item_encoder or src.model.encoder
+    ours = cfg.model.item_encoder or cfg.model.encoder
+    if theirs != ours or src.data.item_max_tokens != cfg.data.item_max_tokens:
+        raise RecsysError(f"model.item_tower_from: {run_dir} encodes items with {theirs} at "
+                          f"data.item_max_tokens={src.data.item_max_tokens}; this config with {ours} at "
+                          f"{cfg.data.item_max_tokens} (set model.encoder={theirs} "
+                          f"data.item_max_tokens={src.data.item_max_tokens})")
+    state = {k[len("item_tower."):]: v for k, v in load_checkpoint_state(ckpt).items() if k.startswith("item_tower.")}
+    if any(".gates." in f".{k}" for k in state):
+        raise RecsysError(f"model.item_tower_from: {run_dir} has a gated item tower; take the item tower of a dense "
+                          "run (or of a structure-only run's dense teacher)")
+    own = module.item_tower.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise RecsysError(f"model.item_tower_from: {ckpt} has no item-tower weight {k} (a different "
+                              "architecture, e.g. model.projection_dim?)")
+        if state[k].shape != v.shape:
+            raise RecsysError(f"model.item_tower_from: {ckpt}: item_tower.{k} has shape {tuple(state[k].shape)}, "
+                              f"this model {tuple(v.shape)} (model.projection_dim?)")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise RecsysError(f"model.item_tower_from: {ckpt} has item-tower weights this model lacks ({extra[0]}, …)")
+    module.item_tower.load_state_dict(state)
+
+
 def read_per_user(path: str | Path, metric: str) -> dict[str, float]:
     """{user id: value} of one metric from a per-user CSV written by a run or a baseline."""
     p = Path(path)

@@ -1,6 +1,8 @@
 """Baselines: closed forms checked against direct computation, tuning on validation, fold-in at test."""
 import numpy as np
+import pytest
 import scipy.sparse as sp
+import torch
 
 from recsys.data.dataset import build_dataset
 from recsys.data.split import leave_last_out
@@ -8,6 +10,7 @@ from recsys.data.synthetic import generate
 from recsys.retrieval.baselines import (
     ease_weights,
     itemknn_weights,
+    matrix_scorer,
     popularity_scores,
     run_ease,
     run_itemknn,
@@ -18,6 +21,16 @@ from recsys.retrieval.baselines import (
 def _x():
     rng = np.random.default_rng(0)
     return sp.csr_matrix((rng.random((30, 8)) < 0.3).astype(float))
+
+
+def test_dense_weights_score_sparse_history_rows_as_the_dense_product():
+    """EASE^R's scorer multiplies the sparse history rows by W (nnz·N work): the scores of the dense product."""
+    split = leave_last_out(generate(seed=1, n_users=60, n_items=40))
+    w = ease_weights(split.matrix("val"), 10.0)
+    users = np.arange(0, split.n_users, 3)
+    for stage in ("val", "test"):
+        dense = torch.from_numpy(np.asarray(split.matrix(stage)[users].todense()) @ w)
+        assert torch.allclose(matrix_scorer(split, stage, w)(users), dense, atol=1e-10)
 
 
 def test_ease_matches_the_constrained_least_squares_solution():
@@ -87,4 +100,8 @@ def test_baselines_scale_benchmark_reports_grid_time_and_memory(tmp_path):
     assert res["items"] == 400 and res["train_interactions"] > 0
     assert res["itemknn"]["grid_and_test_seconds"] > 0 and res["itemknn"]["chosen_k"] is not None
     assert res["ease"]["stated"].startswith("EASE^R on 400 items") and res["ease"]["runs"][0]["lambda"] == 500.0
+    run = res["ease"]["runs"][0]
+    assert run["fit_seconds"] > 0 and run["fit_val_test_seconds"] >= run["fit_seconds"] + run["val_scoring_seconds"]
+    assert res["ease"]["grid_estimate_seconds"] == pytest.approx(
+        res["ease"]["grid_size"] * (run["fit_seconds"] + run["val_scoring_seconds"]))
     assert res["peak_rss_gb"] > 0 and res["hardware"]["cpu_flags"] is not None

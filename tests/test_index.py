@@ -210,6 +210,36 @@ def test_online_request_through_an_index(run):
     assert ivf["flops"] < exact["flops"]
 
 
+def test_a_run_whose_config_names_an_index_is_served_through_it(run):
+    """online_request (what sweeps and benchmarks time) follows the run's retrieval section."""
+    from recsys.recipes.profile import online_request
+    over = ["retrieval.index=ivf", "retrieval.nlist=8", "retrieval.nprobe=1", "retrieval.k=10"]
+    call, costs = online_request(run, overrides=over)
+    scores, ids = call()
+    assert ids.shape == (1, 10) and costs["spec"].startswith("ivf") and "nprobe=1" in costs["spec"]
+    _, exact = online_request(run)
+    assert "spec" not in exact and costs["flops"] < exact["flops"] and costs["params"] == exact["params"]
+
+
+def test_a_sequence_run_through_an_index(tmp_path, tiny_model):
+    """A sequence user tower (with its adaptor) searched through an index: a flat index ranks exactly as the
+    run's own evaluation; its online request reads N cached vectors, then searches."""
+    import json
+
+    from conftest import tiny_run_args, train_run
+
+    from recsys.recipes.retrieval_index import evaluate_run_index, online_request_index
+    seq = train_run(tiny_run_args(tiny_model, tmp_path), tmp_path, "seq", "model.user_tower=sequence",
+                    "model.sequence_items=6", "model.sequence_layers=1", "model.sequence_heads=2",
+                    "model.freeze_item_tower=true", "model.sequence_adaptor=true")
+    result = evaluate_run_index(seq, "flat,k=100", "val", progress=False)
+    trained = json.loads((seq / "metrics.json").read_text())["val"]
+    assert result.recall_vs_exact["recall@10"] == 1.0
+    assert result.index.metrics["ndcg@10"] == pytest.approx(trained["ndcg@10"], abs=1e-6)
+    call, costs = online_request_index(seq, "hnsw,M=8,efSearch=32,k=10")
+    assert call()[1].shape == (1, 10) and costs["shape"].seq_len == 6
+
+
 # --- the cost model's index term --------------------------------------------------------------------------------
 
 
@@ -228,6 +258,40 @@ def test_index_work_and_online_cost():
     shape = Shape.dense_from_hf_config(model_config("minilm"), seq_len=32)
     exact, via = online_cost(shape, n), online_cost(shape, n, parse_index_spec("ivf,nlist=4096,nprobe=8"))
     assert via["user_flops"] == exact["user_flops"] and via["retrieval_flops"] < exact["retrieval_flops"] / 50
+
+
+def test_penalties_see_the_index(tmp_path):
+    """The combined loss's cost ratios with a retrieval index: FLOPs count the index's search instead of exact
+    scoring, the predicted latency adds its calibrated search time, both stay differentiable in output gates."""
+    from recsys.efficiency.cost import SoftShape, cost
+    from recsys.efficiency.index_cost import index_work
+    from recsys.efficiency.predictor import predict
+    from recsys.efficiency.shape import LayerShape, Shape
+    from recsys.losses.penalties import CostNormaliser
+    from recsys.serving.index_route import calibrate_index_latency
+    from recsys.serving.latency_tables import load_or_build
+
+    n = 200_000
+    base = Shape(layers=(LayerShape((0, 1, 2, 3), 128),) * 2, hidden=64, head_dim=16, n_heads_dense=4, ffn_dense=128,
+                 vocab_size=30522, max_positions=128, type_vocab_size=2, seq_len=16, output_dim=32)
+    ivf = parse_index_spec("ivf,nlist=1024,nprobe=8")
+    exact, via = CostNormaliser(base, n), CostNormaliser(base, n, index=ivf)
+    tower = cost(base.replace(batch=1))["flops"]
+    assert exact.dense["flops"] == pytest.approx(tower + 2 * n * 32)
+    assert via.dense["flops"] == pytest.approx(tower + index_work(ivf, n, 32)["flops"])
+    assert via.dense["flops"] - tower < (exact.dense["flops"] - tower) / 10  # 8 of 1024 lists scanned
+    soft = SoftShape.from_shape(base)
+    soft.out = torch.full((32,), 0.5, dtype=torch.float64, requires_grad=True)  # half the output dims expected
+    via(soft)["flops"].backward()
+    assert soft.out.grad is not None and (soft.out.grad > 0).all()
+    tables = load_or_build(base, cache_dir=tmp_path, items=(1000, 4000), dims=(16, 64), seq=(16, 32),
+                           min_seconds=0.01, progress=False)
+    model = calibrate_index_latency(dim=32, kinds=("ivf",), scale=0.05, min_seconds=0.05, cached=False)
+    with pytest.raises(ValueError, match="needs its latency model"):
+        CostNormaliser(base, n, tables, ivf)
+    lat = CostNormaliser(base, n, tables, ivf, model)
+    expected = predict(tables, base.replace(batch=1)) + model.predict(ivf, n, 32)
+    assert lat.dense["latency"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_index_latency_model_is_calibrated_here():

@@ -185,6 +185,25 @@ def test_sequence_tower_with_gates_penalty_and_distillation(tmp_path, tiny_model
     assert structure["user_shape"]["seq_len"] == 6 and 0 < structure["user_ratios"]["flops"] <= 1
 
 
+def test_sequence_tower_latency_penalty_reads_its_own_tables(tmp_path, tiny_model):
+    """A latency-penalised sequence tower: latency tables measured for a sequence tower (its input stage instead of
+    token embeddings, N on the sequence grid, no pooling), cached under their own key, read by the penalty."""
+    from recsys.runs import load_run
+    from recsys.serving.latency_tables import SequenceInput, load_or_build
+
+    args = tiny_run_args(tiny_model, tmp_path)
+    run = train_run(args, tmp_path, "lat", *SEQ, "model.freeze_item_tower=true", "model.sequence_adaptor=true",
+                    "compress.gates=[heads, ffn]", "compress.lambda_latency=1.0")
+    structure = json.loads((run / "metrics.json").read_text())["structure"]
+    assert 0 < structure["user_ratios"]["latency"] <= 1
+    _, module = load_run(run)
+    spec = SequenceInput.of(module.user_tower)
+    assert spec == SequenceInput(item_dim=32, adaptor=True)
+    tab = load_or_build(module.user_tower.shape.replace(seq_len=6, batch=1), progress=False, sequence=spec)
+    assert tab.seq[-1] == 6 and all(p == 0 for p in tab.pool_ms) and tab.key["sequence"]["adaptor"] is True
+    assert all(ms > 0 for ms in tab.embed_ms) and tab.attn_ms[-1][-1] > 0  # its input stage, its blocks
+
+
 def test_sequence_tower_bad_inputs_are_one_line(tmp_path, tiny_model, capsys):
     args = tiny_run_args(tiny_model, tmp_path)
     err = one_line_error(capsys, "train", *args, *SEQ, "model.sequence_items=0")
@@ -206,6 +225,63 @@ def test_sequence_tower_bad_inputs_are_one_line(tmp_path, tiny_model, capsys):
     assert "fp32" in err
     err = one_line_error(capsys, "export", str(text.parent / "no-such-run"))
     assert "not found" in err
+
+
+def test_sequence_tower_reads_a_text_runs_item_tower(tmp_path, tiny_model, capsys):
+    """model.item_tower_from: the text two-tower's fine-tuned item tower under a sequence user tower (frozen): its
+    weights, hence its item vectors, are the text run's; a mismatched item encoding is one line."""
+    from recsys.runs import load_run
+
+    args = tiny_run_args(tiny_model, tmp_path)
+    text = train_run(args, tmp_path, "text", "train.epochs=1")
+    seq = train_run(args, tmp_path, "seq", *SEQ, "model.freeze_item_tower=true", f"model.item_tower_from={text}")
+    _, a = load_run(text)
+    _, b = load_run(seq)
+    item_a, item_b = a.item_tower.state_dict(), b.item_tower.state_dict()
+    assert item_a.keys() == item_b.keys() and all(torch.equal(item_a[k], item_b[k]) for k in item_a)
+    from recsys.models.two_tower import build_tower
+    fresh = build_tower(tiny_model, b.model_cfg).state_dict()  # what it would have read without the key
+    assert not torch.equal(fresh["encoder.layers.0.ffn.up.weight"], item_b["encoder.layers.0.ffn.up.weight"])
+    capsys.readouterr()
+    err = one_line_error(capsys, "train", *args, *SEQ, f"model.item_tower_from={text}", "data.item_max_tokens=8",
+                         "tracking.run_name=bad")
+    assert "encodes items with" in err and "data.item_max_tokens=16" in err
+    assert not (tmp_path / "results" / "runs" / "bad").exists()
+    err = one_line_error(capsys, "train", *args, f"model.item_tower_from={text}")  # one shared text encoder
+    assert "model.item_tower_from" in err and "shared" in err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_sequence_run_exports_for_serving(tmp_path, tiny_model, capsys, fmt):
+    """`recsys export` of a gated sequence run: the materialized tower, the item tower and the catalog vectors;
+    the exported tower, run by ONNX Runtime / torch.export on a history looked up in the exported catalog, gives the
+    run's user embedding and ranks the catalog as the run does."""
+    pytest.importorskip("onnxruntime")
+    from recsys.models.sequence_tower import lookup, recent_items
+    from recsys.runs import load_run
+    from recsys.serving.export import run_exported_sequence
+
+    args = tiny_run_args(tiny_model, tmp_path)
+    run = train_run(args, tmp_path, "seq", *SEQ, "model.freeze_item_tower=true", "model.sequence_adaptor=true",
+                    "compress.gates=[heads, ffn]", "compress.lambda_flops=1.0")
+    assert main(["export", str(run), "--format", fmt]) == 0
+    out = run / "export" / fmt
+    report = json.loads((out / "export.json").read_text())
+    assert report["user_tower"] == "sequence" and report["towers"]["user"]["max_abs_diff"] <= 1e-4
+    items, keys = np.load(out / "catalog_items.npy"), np.load(out / "catalog_keys.npy")
+    assert items.shape == (150, 32) and keys.shape == items.shape and len(json.loads((out / "item_ids.json")
+                                                                                      .read_text())) == 150
+    _, module = load_run(run)
+    history = recent_items([np.array([3, 1, 4])], module.user_tower.n_items)  # [1, N], left-padded
+    vectors, mask = lookup(history, torch.from_numpy(items))
+    got = run_exported_sequence(out / "user", fmt, vectors, mask.long())
+    with torch.inference_mode():
+        ref = module.user_tower(vectors, mask)
+        run_keys = module.user_tower.represent(torch.from_numpy(items))
+    assert torch.allclose(got, ref, atol=1e-4) and torch.allclose(torch.from_numpy(keys), run_keys)
+    assert (torch.from_numpy(keys) @ got[0]).topk(10).indices.tolist() == (run_keys @ ref[0]).topk(10).indices.tolist()
+    err = one_line_error(capsys, "export", str(run), "--format", "hf")
+    assert "sequence user tower" in err and "--format onnx" in err
 
 
 def test_sequence_config_is_described_and_validated():

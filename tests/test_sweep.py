@@ -354,3 +354,47 @@ def test_each_finished_trial_prints_one_progress_line(tmp_path, tiny_model, caps
     assert len(lines) == 2
     assert lines[0].startswith("trial 0 done in ") and "lambda_params=" in lines[0] and "ndcg@10 " in lines[0]
     assert "1/2 complete, ETA" in lines[0] and "2/2 complete, ETA 0 min" in lines[1]
+
+
+def test_a_sweep_searches_the_user_tower_family(tmp_path, tiny_model):
+    """model.user_tower as a categorical dimension: text and sequence trials in one study, each trained, scored
+    and costed as its family (the sequence tower's request: 6 cached vectors through 1 layer)."""
+    seq = ["model.sequence_items=6", "model.sequence_layers=1", "model.sequence_heads=2"]
+    cfg = write_sweep(tmp_path, tiny_model, objectives="[ndcg@10, flops]", n_trials=4, overrides=seq,
+                      params={"model.user_tower": "{type: categorical, choices: [text, sequence]}"})
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    trials = read_csv(tmp_path / "results" / "sweeps" / "test" / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+    flops = {}
+    for t in trials:
+        family = t["param_model.user_tower"]
+        assert f"user_tower: {family}" in (Path(t["run_dir"]) / "config.yaml").read_text()
+        assert 0 <= float(t["value_ndcg@10"]) <= 1
+        flops.setdefault(family, set()).add(float(t["value_flops"]))
+    assert set(flops) == {"text", "sequence"}  # the seeded sampler drew both
+    assert max(flops["sequence"]) < min(flops["text"])
+
+
+def test_index_settings_are_search_dimensions(tmp_path, tiny_model):
+    """A base config served through an IVF index: each trial is scored on validation through it (exact metrics and
+    the index's recall kept beside), costed with its search, and its Pareto trials tested through it."""
+    pytest.importorskip("faiss")
+    cfg = write_sweep(tmp_path, tiny_model, objectives="[ndcg@10, flops]", n_trials=3,
+                      overrides=["retrieval.index=ivf", "retrieval.nlist=8", "retrieval.k=20",
+                                 "compress.lambda_flops=0.5"],  # the FLOPs penalty counts the index's search
+                      params={"retrieval.nprobe": "{type: categorical, choices: [1, 8]}"})
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    folder = tmp_path / "results" / "sweeps" / "test"
+    trials = read_csv(folder / "trials.csv")
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    by_probe = {}
+    for t in trials:
+        nprobe = int(t["param_retrieval.nprobe"])
+        assert t["index"].startswith("ivf") and f"nprobe={nprobe}" in t["index"]
+        recall = float(t["index_recall@10_vs_exact"])
+        if nprobe == 8:  # every list probed: the index returns what exact search does
+            assert recall == 1.0 and float(t["value_ndcg@10"]) == pytest.approx(float(t["val_exact_ndcg@10"]))
+        by_probe.setdefault(nprobe, set()).add(float(t["value_flops"]))
+    assert set(by_probe) == {1, 8} and max(by_probe[1]) < min(by_probe[8])  # fewer lists scanned: less work
+    pareto = read_csv(folder / "pareto.csv")
+    assert pareto and all(0 <= float(p["test_ndcg@10"]) <= 1 for p in pareto)

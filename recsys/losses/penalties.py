@@ -4,9 +4,10 @@ Both read normalised costs r = cost(soft shape) / cost(dense shape) from the cos
 (`recsys.efficiency.cost.soft_cost`, `recsys.efficiency.predictor.predict_soft`):
 
 - params:  the tower's parameters;
-- flops:   one forward of the tower at its run conditions, plus exact retrieval scoring over the catalog for an
-           online (user) tower;
-- latency: predicted online latency, user tower at batch 1 plus retrieval (differentiable latency tables).
+- flops:   one forward of the tower at its run conditions, plus retrieval over the catalog for an online (user)
+           tower: exact scoring, or the search of the run's retrieval index (recsys/efficiency/index_cost.py);
+- latency: predicted online latency, user tower at batch 1 plus retrieval (differentiable latency tables; an
+           index's search from its latency model calibrated on this device).
 
 Penalty mode:  loss = task + λp·P/P_dense + λf·F/F_dense + λl·T/T_dense.
 
@@ -28,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recsys.config import RetrievalConfig
 from recsys.efficiency.cost import SoftShape, retrieval_flops, soft_cost
+from recsys.efficiency.index_cost import IndexLatencyModel, index_work
 from recsys.efficiency.predictor import LatencyTables, predict_soft
 from recsys.efficiency.shape import Shape
 
@@ -39,19 +42,38 @@ class CostNormaliser:
     """Cost ratios of soft shapes against the dense shape of `base` (its run conditions and output dim).
 
     `n_items` > 0 makes it the online cost (retrieval over the catalog added to FLOPs and latency); latency
-    needs `tables` (only for an online tower: the predictor is per request, batch 1)."""
+    needs `tables` (only for an online tower: the predictor is per request, batch 1). With a retrieval `index`
+    (not exact) retrieval is that index's search: its counted work, and with latency its time from
+    `index_model` (`recsys.serving.index_route.calibrate_index_latency`)."""
 
-    def __init__(self, base: Shape, n_items: int = 0, tables: LatencyTables | None = None):
+    def __init__(self, base: Shape, n_items: int = 0, tables: LatencyTables | None = None,
+                 index: RetrievalConfig | None = None, index_model: IndexLatencyModel | None = None):
         self.base, self.n_items, self.tables = base, n_items, tables
+        self.index = index if index is not None and index.index != "exact" and n_items else None
+        if self.index is not None and tables is not None and index_model is None:
+            raise ValueError("a latency cost through a retrieval index needs its latency model (index_model)")
+        self.index_model = index_model
+        if self.index is not None:  # the index's work is affine in the embedding dim d: w0 + w1·d
+            w0 = index_work(self.index, n_items, 0)["madds"]
+            self.index_madds = (w0, index_work(self.index, n_items, 1)["madds"] - w0)
         self.dense = {k: float(v) for k, v in self._costs(SoftShape.from_shape(base.dense())).items()}
 
     def _costs(self, s: SoftShape) -> dict[str, torch.Tensor]:
         c = soft_cost(s)
         dim = s.out.sum() if s.out is not None else float(s.base.hidden)
-        flops = c.flops + (retrieval_flops(self.n_items, dim) if self.n_items else 0.0)
+        if self.index is not None:
+            madds = self.index_madds[0] + self.index_madds[1] * dim  # differentiable in output gates
+            flops = c.flops + 2 * madds
+        else:
+            flops = c.flops + (retrieval_flops(self.n_items, dim) if self.n_items else 0.0)
         out = {"params": c.params, "flops": flops}
         if self.tables is not None:
-            out["latency"] = predict_soft(self.tables, s, self.n_items or None)
+            if self.index is not None:
+                kind = self.index.index
+                search = self.index_model.scale[kind] * madds / 1e6 + self.index_model.overhead_ms[kind]
+                out["latency"] = predict_soft(self.tables, s, None) + search
+            else:
+                out["latency"] = predict_soft(self.tables, s, self.n_items or None)
         return out
 
     def __call__(self, s: SoftShape) -> dict[str, torch.Tensor]:

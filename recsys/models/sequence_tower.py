@@ -144,23 +144,33 @@ def lookup(ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
+def sequence_user_embeddings(tower: SequenceTower, item_emb: torch.Tensor, split: Split, stage: str,
+                             batch_size: int = 128) -> torch.Tensor:
+    """[U, d] embeddings of the evaluated users at `stage` (their history up to that stage's target): the
+    sequence tower over the cached catalog embeddings [n_items, d_item] of their last N items, on the CPU."""
+    users = split.eval_users
+    table = item_emb.to(next(tower.parameters()).device)  # [n_items, d_item]
+    was = tower.training
+    tower.eval()
+    emb = torch.empty(len(users), tower.dim)
+    for s in range(0, len(users), batch_size):
+        ids = recent_items([split.history(int(u), stage) for u in users[s:s + batch_size]], tower.n_items)
+        emb[s:s + batch_size] = tower(*lookup(ids, table)).cpu()
+    tower.train(was)
+    return emb
+
+
+@torch.inference_mode()
 def sequence_scorers(tower: SequenceTower, item_emb: torch.Tensor, split: Split, stages=("val", "test"),
                      batch_size: int = 128) -> dict[str, Scorer]:
     """{stage: scorer} of a sequence user tower: each stage's user embeddings from the cached catalog embeddings
     [n_items, d] of their last N items (the history up to that stage's target)."""
-    users = split.eval_users
-    table = item_emb.to(next(tower.parameters()).device)  # [n_items, d]
     was = tower.training
     tower.eval()
-    scorers = {}
-    for stage in stages:
-        emb = torch.empty(len(users), tower.dim)
-        for s in range(0, len(users), batch_size):
-            ids = recent_items([split.history(int(u), stage) for u in users[s:s + batch_size]], tower.n_items)
-            emb[s:s + batch_size] = tower(*lookup(ids, table)).cpu()
-        scorers[stage] = embedding_scorer(emb, users, split.n_users, tower.represent(table).cpu())
+    keys = tower.represent(item_emb.to(next(tower.parameters()).device)).cpu()  # what users are scored against
     tower.train(was)
-    return scorers
+    return {stage: embedding_scorer(sequence_user_embeddings(tower, item_emb, split, stage, batch_size),
+                                    split.eval_users, split.n_users, keys) for stage in stages}
 
 
 def user_input_length(model: ModelConfig, data) -> int:

@@ -1,17 +1,21 @@
 """The export recipe (`recsys export`): a gated run's towers materialized, written in a serving format
-(`recsys.serving.export`) and checked against the gated model's embeddings.
+(`recsys.serving.export`) and checked against the gated model's embeddings; a sequence run's user tower (gated or
+not) with its item tower and the catalog vectors a request reads.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from recsys.data.registry import load_data
 from recsys.errors import RecsysError
 from recsys.models.encoder import load_tokenizer, resolve_model_path
-from recsys.models.tower import tokenize
+from recsys.models.sequence_tower import lookup, recent_items
+from recsys.models.tower import encode_texts, tokenize
 from recsys.runs import load_run, run_paths
-from recsys.serving.export import FORMATS, export_tower, run_exported
+from recsys.serving.export import FORMATS, export_sequence_tower, export_tower, run_exported, run_exported_sequence
 from recsys.serving.materialize import materialize
 from recsys.tracking.records import staged_dir, write_json
 
@@ -23,9 +27,8 @@ def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> d
         raise RecsysError(f"--format: unknown format {fmt!r} (expected {', '.join(FORMATS)})")
     run_dir, _ = run_paths(target)
     cfg, module = load_run(target)
-    if module.sequence:  # its transformer reads item vectors, not tokens: no HF / token-input format fits it
-        raise RecsysError(f"{run_dir}: recsys export writes text towers; a sequence user tower is served from its "
-                          "run folder (recsys.recipes.profile.online_request), not exported")
+    if module.sequence:
+        return export_sequence_run(run_dir, cfg, module, fmt, out)
     if not module.gated:
         raise RecsysError(f"{run_dir}: run has no gates to materialize (train it with compress.gates=[...])")
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
@@ -50,6 +53,54 @@ def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> d
             report["towers"][name] = {"written_format": written, "shape": compact.encoder.shape.to_dict(),
                                       "dim": compact.dim, "max_abs_diff": err,
                                       "params": sum(p.numel() for p in compact.parameters())}
+        write_json(staging / "export.json", report)
+    report["path"] = str(final)
+    return report
+
+
+def export_sequence_run(run_dir: Path, cfg, module, fmt: str, out: str | Path | None = None) -> dict:
+    """A sequence run for serving, in `out` (default `<run>/export/<fmt>`): `user/` the (materialized) sequence
+    tower (`recsys.serving.export.export_sequence_tower`), `item/` its item tower as a text tower in the same format,
+    and the catalog it needs at request time — `catalog_items.npy` [n_items, d_item] (the item tower's vectors a
+    history is looked up in), `catalog_keys.npy` (what users are scored against: through the adaptor when the tower
+    has one) and `item_ids.json` (their row order). Checked on real users' histories against the run's tower."""
+    ds, split = load_data(cfg.data)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
+    with torch.inference_mode():
+        items = encode_texts(module.item_tower, tokenizer, ds.item_texts, cfg.data.item_max_tokens,
+                             cfg.train.eval_batch_size, progress=False)  # [n_items, d_item]
+        keys = module.user_tower.represent(items)  # [n_items, d]
+    final = Path(out) if out is not None else run_dir / "export" / fmt
+    report = {"run": str(run_dir), "format": fmt, "user_tower": "sequence", "towers": {}}
+    users = split.eval_users[:8]
+    ids = recent_items([split.history(int(u), "test") for u in users], module.user_tower.n_items)  # [8, N]
+    vectors, mask = lookup(ids, items)
+    with staged_dir(final) as staging:
+        compact = materialize(module.user_tower)
+        written = export_sequence_tower(compact, staging / "user", fmt)
+        with torch.inference_mode():
+            ref = module.user_tower(vectors, mask)
+        got = run_exported_sequence(staging / "user", written, vectors, mask.long())
+        err = float((got - ref).abs().max())
+        if err > 1e-4:
+            raise RecsysError(f"export user: exported embeddings differ from the run's sequence tower by {err:.2e}")
+        report["towers"]["user"] = {"written_format": written, "shape": compact.shape.to_dict(), "dim": compact.dim,
+                                    "n_history": compact.n_items, "item_dim": compact.item_dim,
+                                    "max_abs_diff": err, "params": sum(p.numel() for p in compact.parameters())}
+        item = module.item_tower.eval()
+        written = export_tower(item, tokenizer, staging / "item", fmt)
+        batch = tokenize(tokenizer, ds.item_texts[:2], cfg.data.item_max_tokens)
+        with torch.inference_mode():
+            ref = item(**batch)
+        err = float((run_exported(staging / "item", written, batch["input_ids"], batch["attention_mask"])
+                     - ref).abs().max())
+        if err > 1e-4:
+            raise RecsysError(f"export item: exported embeddings differ from the run's item tower by {err:.2e}")
+        report["towers"]["item"] = {"written_format": written, "dim": item.dim, "max_abs_diff": err,
+                                    "params": sum(p.numel() for p in item.parameters())}
+        np.save(staging / "catalog_items.npy", items.numpy())
+        np.save(staging / "catalog_keys.npy", keys.numpy())
+        write_json(staging / "item_ids.json", list(ds.item_ids))
         write_json(staging / "export.json", report)
     report["path"] = str(final)
     return report

@@ -126,8 +126,14 @@ def online_request(run_dir: str | Path, seq_len: int | None = None,
     """One online request of a run (its materialized user tower served at `compress.precision`, batch 1, then
     exact retrieval over its catalog) and the compact shape (`shape`), its parameters and online FLOPs.
     `overrides` change how the run is served (e.g. its data.user_max_tokens), not its weights. The one way
-    every sweep and benchmark measures a run's request."""
+    every sweep and benchmark measures a run's request. A run whose `retrieval.index` is not exact is served
+    through that index (`recsys.recipes.retrieval_index.online_request_index`: built over its real catalog and
+    cached), so sweeps and benchmarks see the index in the latency."""
     run_cfg, module = load_run(run_dir, overrides)
+    if run_cfg.retrieval.index != "exact":
+        from recsys.recipes.retrieval_index import online_request_index  # faiss: imported only when used
+        call, costs = online_request_index(run_dir, None, seq_len, overrides, loaded=(run_cfg, module))
+        return call, {k: costs[k] for k in ("params", "flops", "n_items", "shape", "spec")}
     seq = seq_len or user_input_length(run_cfg.model, run_cfg.data)  # tokens, or a sequence tower's N items
     n_items = _catalog_size(run_dir, run_cfg)
     tower = materialize(module.user_tower)

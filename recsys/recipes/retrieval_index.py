@@ -10,6 +10,7 @@ its item texts and item token budget: a cached index built before the run change
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ from recsys.data.text import user_text
 from recsys.efficiency.cost import online_cost
 from recsys.errors import RecsysError
 from recsys.models.encoder import load_tokenizer, resolve_model_path
+from recsys.models.sequence_tower import input_cost, sequence_user_embeddings, user_input_length
 from recsys.models.tower import encode_texts
 from recsys.retrieval.index import build_index, cached_index
 from recsys.retrieval.index_eval import IndexEval, evaluate_index
@@ -70,20 +72,30 @@ def catalog_embeddings(module, cfg: RunConfig, item_texts: list[str], cache: Pat
 
 
 def run_index(target: str | Path, spec: str | RetrievalConfig | None = None, rebuild: bool = False,
-              progress: bool = True, overrides: list[str] | None = None):
-    """(config, module, dataset, split, item embeddings, index) of a run searched through `spec`."""
+              progress: bool = True, overrides: list[str] | None = None, loaded: tuple | None = None):
+    """(config, module, dataset, split, item-tower embeddings, index) of a run searched through `spec` (its own
+    `retrieval` section when None); `loaded`: the run's (config, module) when the caller has loaded it already.
+    The index holds what users are scored against: the item-tower embeddings, through a sequence user tower's
+    adaptor when it has one."""
     run_dir, ckpt = run_paths(target)
-    cfg, module = load_run(run_dir, overrides)
+    cfg, module = loaded or load_run(run_dir, overrides)
     index_cfg = resolve_index(spec, cfg)
     ds, split = load_data(cfg.data)
     fingerprint = run_fingerprint(ckpt, cfg, ds.item_texts)
     cache = index_cache(run_dir)
     items = catalog_embeddings(module, cfg, ds.item_texts, cache, fingerprint, progress)
+    keys = _keys(module, items)
     if index_cfg.cache:
-        index = cached_index(cache, items, index_cfg, fingerprint, rebuild=rebuild, seed=cfg.train.seed)
+        index = cached_index(cache, keys, index_cfg, fingerprint, rebuild=rebuild, seed=cfg.train.seed)
     else:
-        index = build_index(items, index_cfg, seed=cfg.train.seed)
+        index = build_index(keys, index_cfg, seed=cfg.train.seed)
     return cfg, module, ds, split, items, index
+
+
+@torch.inference_mode()
+def _keys(module, items: torch.Tensor) -> torch.Tensor:
+    """[N, d] what users are scored against: a sequence tower's item representations (its adaptor), else `items`."""
+    return module.user_tower.eval().represent(items) if module.sequence else items
 
 
 def evaluate_run_index(target: str | Path, spec: str | RetrievalConfig | None = None, stage: str = "test",
@@ -94,28 +106,36 @@ def evaluate_run_index(target: str | Path, spec: str | RetrievalConfig | None = 
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
     cfg, module, ds, split, items, index = run_index(target, spec, rebuild, progress)
     check_lengths(cfg, module)
-    tok = load_tokenizer(resolve_model_path(cfg.model.encoder))
-    texts = [user_text(ds.item_texts, split.history(int(u), stage), cfg.data.history_items) for u in split.eval_users]
-    users = encode_texts(module.user_tower, tok, texts, cfg.data.user_max_tokens, cfg.train.eval_batch_size,
-                         desc=f"encode users ({stage})", progress=progress)
-    return evaluate_index(users, items, index, split, stage, cfg.train.eval_batch_size)
+    if module.sequence:  # the sequence tower over the cached vectors of each user's last N items
+        users = sequence_user_embeddings(module.user_tower, items, split, stage, cfg.train.eval_batch_size)
+    else:
+        tok = load_tokenizer(resolve_model_path(cfg.model.encoder))
+        texts = [user_text(ds.item_texts, split.history(int(u), stage), cfg.data.history_items)
+                 for u in split.eval_users]
+        users = encode_texts(module.user_tower, tok, texts, cfg.data.user_max_tokens, cfg.train.eval_batch_size,
+                             desc=f"encode users ({stage})", progress=progress)
+    out = evaluate_index(users, _keys(module, items), index, split, stage, cfg.train.eval_batch_size)
+    return replace(out, index=replace(out.index, user_ids=ds.user_ids), exact=replace(out.exact, user_ids=ds.user_ids))
 
 
 def online_request_index(run_dir: str | Path, spec: str | RetrievalConfig | None = None, seq_len: int | None = None,
-                         overrides: list[str] | None = None, rebuild: bool = False
+                         overrides: list[str] | None = None, rebuild: bool = False, loaded: tuple | None = None
                          ) -> tuple[Callable[[], object], dict]:
     """One online request of a run through an index: its materialized user tower served at `compress.precision`
-    (batch 1), then a search of the index over its real catalog embeddings — the index counterpart of
-    `recsys.recipes.profile.online_request` (same returns: the call and the counted costs, plus `search`, the
-    index search alone, and `index`). E.g. the stacked row: time `online_request_index(run, "hnsw,M=32,...",
-    overrides=["compress.precision=int8"])` interleaved with `online_request(dense_run)`."""
-    cfg, module, _, _, items, index = run_index(run_dir, spec, rebuild, progress=False, overrides=overrides)
-    seq = seq_len or cfg.data.user_max_tokens
+    (batch 1), then a search of the index over its real catalog — the index counterpart of
+    `recsys.recipes.profile.online_request`, which calls it for a run whose `retrieval.index` is not exact (same
+    returns: the call and the counted costs, plus `search`, the index search alone, and `index`). E.g. the stacked
+    row: time `online_request_index(run, "hnsw,M=32,...", overrides=["compress.precision=int8"])` interleaved with
+    `online_request(dense_run)`. `loaded`: the run's (config, module) when already loaded."""
+    cfg, module, _, _, items, index = run_index(run_dir, spec, rebuild, progress=False, overrides=overrides,
+                                                loaded=loaded)
+    seq = seq_len or user_input_length(cfg.model, cfg.data)  # tokens, or a sequence tower's N items
     tower = materialize(module.user_tower)
     route = route_for(cfg.compress.precision, cfg.compress.int8_backend)
     user, search = index_request_calls(tower, seq, index, route, cfg.compress.quantize_layers)
     shape = tower.shape.replace(seq_len=seq, batch=1)
     c = online_cost(shape, index.n_items, index.cfg)
-    return request_call(user, index), {"params": c["user_params"], "flops": c["flops"], "n_items": index.n_items,
+    extra = input_cost(tower, seq) if module.sequence else {"params": 0, "flops": 0}  # its input layers
+    return request_call(user, index), {"params": c["user_params"] + extra["params"],
+                                       "flops": c["flops"] + extra["flops"], "n_items": index.n_items,
                                        "shape": shape, "spec": index.spec, "search": search, "index": index}
-

@@ -34,8 +34,8 @@ from recsys.models.two_tower import MONITOR
 from recsys.recipes.deepspeed import check_deepspeed, deepspeed_final_module, deepspeed_strategy
 from recsys.recipes.evaluate import evaluate_module
 from recsys.retrieval.distributed import broadcast_from_zero, shard
-from recsys.runs import build_module, check_lengths, init_weights
-from recsys.serving.latency_tables import load_or_build
+from recsys.runs import build_module, check_lengths, init_item_tower, init_weights
+from recsys.serving.latency_tables import SequenceInput, load_or_build
 from recsys.serving.materialize import materialize
 from recsys.serving.quantize import route_for
 from recsys.serving.routes import request_calls
@@ -176,12 +176,17 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
     if module.costed:
         user_base = module.user_tower.shape.replace(seq_len=user_input_length(cfg.model, cfg.data), batch=1)
         needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
-        tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend))
-                  if needs_latency else None)
+        tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend),
+                                sequence=SequenceInput.of(module.user_tower)) if needs_latency else None)
         item = None
         if module.separate and module.item_tower.gates is not None:
             item = CostNormaliser(module.item_tower.shape.replace(seq_len=cfg.data.item_max_tokens))
-        module.set_costs(CostNormaliser(user_base, dm.split.n_items, tables), item)
+        index = cfg.retrieval if cfg.retrieval.index != "exact" else None  # served through an index: its cost
+        index_model = None
+        if index is not None and tables is not None:
+            from recsys.serving.index_route import calibrate_index_latency  # faiss: imported only when used
+            index_model = calibrate_index_latency(kinds=(index.index,))
+        module.set_costs(CostNormaliser(user_base, dm.split.n_items, tables, index, index_model), item)
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resume: bool = False) -> dict:
@@ -200,6 +205,8 @@ def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resu
     check_lengths(cfg, module)
     if cfg.model.init_from:
         init_weights(module, cfg.model.init_from)
+    if cfg.model.item_tower_from:
+        init_item_tower(module, cfg.model.item_tower_from, cfg)
     sequence = cfg.model.user_tower == "sequence"  # batches carry item ids; user texts only for a text teacher
     dm = RecDataModule(ds, split, tokenizer, cfg.data, cfg.train, tokenize_items=not cfg.model.freeze_item_tower,
                        sequence_items=cfg.model.sequence_items if sequence else None,

@@ -113,8 +113,9 @@ def matrix_scorer(split: Split, stage: str, weights: np.ndarray):
     if sp.issparse(weights):  # sparse × sparse: [B, N] rows of the user inputs times the sparse neighbours
         w = weights.tocsr()
         return lambda users: torch.from_numpy((x[users] @ w).toarray())
-    w = torch.from_numpy(weights)
-    return lambda users: torch.from_numpy(np.asarray(x[users].todense())) @ w
+    # sparse history rows × dense W: nnz·N multiply-adds instead of B·N² (EASE^R at 17k items over 50k users: 1.5e10
+    # instead of 1.4e13 per stage)
+    return lambda users: torch.from_numpy(np.asarray(x[users] @ weights))
 
 
 def _tuned(split: Split, grid, make_weights, name: str, progress: bool) -> tuple[EvalResult, dict]:

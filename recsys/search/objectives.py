@@ -12,7 +12,7 @@ from recsys.efficiency.latency import exclusive, interleaved, measure, threads
 from recsys.recipes.evaluate import evaluate_run
 from recsys.recipes.profile import online_request
 from recsys.search.study import SweepConfig
-from recsys.tracking.records import write_json
+from recsys.tracking.records import hardware, write_json
 
 
 def measure_online(run_dir: str | Path, seq_len: int | None = None, reference: str | Path | None = None,
@@ -63,7 +63,7 @@ def reference_costs(cfg: SweepConfig) -> dict | None:
     else:
         val = json.loads((Path(cfg.reference_run) / "metrics.json").read_text())["val"]
     ref = {**val, **measure_online(cfg.reference_run, cfg.seq_len, overrides=cfg.reference_overrides),
-           "run": cfg.reference_run, "overrides": cfg.reference_overrides}
+           "run": cfg.reference_run, "overrides": cfg.reference_overrides, "machine": hardware()}
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_json(cache, ref)
     return ref

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.config import TrackingConfig, load_config
+from recsys.config import TrackingConfig, load_config, read_yaml
 from recsys.recipes.evaluate import evaluate_run
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.study import OBJECTIVES, SweepConfig, open_study
-from recsys.tracking.records import write_json
+from recsys.tracking.records import hardware, write_json
 
 
 def _reference(cfg: SweepConfig, ref: dict | None, trials) -> dict[str, float]:
@@ -54,11 +54,16 @@ def pareto_front(trials, directions: list[str]) -> list:
 
 
 def test_metrics(run_dir: str) -> dict:
-    """Test metrics of a Pareto trial: evaluated once, cached in its run folder."""
+    """Test metrics of a Pareto trial: evaluated once (through its retrieval index when it has one, as it was
+    searched), cached in its run folder."""
     path = Path(run_dir) / "test_metrics.json"
     if not path.is_file():
-
-        res = evaluate_run(run_dir, "test", progress=False)
+        index = read_yaml(Path(run_dir) / "config.yaml").get("retrieval", {}).get("index", "exact")
+        if index != "exact":
+            from recsys.recipes.retrieval_index import evaluate_run_index  # faiss: imported only when used
+            res = evaluate_run_index(run_dir, None, "test", progress=False).index
+        else:
+            res = evaluate_run(run_dir, "test", progress=False)
         res.write_per_user(Path(run_dir) / "per_user_test.csv", res.user_ids)
         write_json(path, res.metrics)
     return json.loads(path.read_text())
@@ -88,11 +93,16 @@ def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: i
                "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial", ""))}
         row.update({f"value_{o}": (t.values[i] if t.values else None) for i, o in enumerate(cfg.objectives)})
         row.update(_params(cfg, t))
+        if "index" in t.user_attrs:  # scored through its retrieval index: the index, and exact ranking beside it
+            index = t.user_attrs["index"]
+            row.update({"index": index["spec"], "index_recall@10_vs_exact": index.get("recall@10"),
+                        "val_exact_ndcg@10": t.user_attrs.get("val_exact", {}).get("ndcg@10")})
         rows.append(row)
     _write_csv(folder / "trials.csv", rows)
     write_json(folder / "sweep.json", dataclasses.asdict(cfg))
 
-    summary: dict = {"study": cfg.study, "n_trials": len(done), "requested": cfg.n_trials, "sampler": cfg.sampler,
+    summary: dict = {"study": cfg.study, "machine": hardware(),  # where the report (and its latencies) came from
+                     "n_trials": len(done), "requested": cfg.n_trials, "sampler": cfg.sampler,
                      "objectives": cfg.objectives, "directions": cfg.directions,
                      "failed": sum(t.state == TrialState.FAIL for t in trials),
                      "pruned": sum(t.state == TrialState.PRUNED for t in trials)}

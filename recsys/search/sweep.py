@@ -5,7 +5,10 @@ A sweep YAML names the base training config, the search space, the objectives, t
 trials (see configs/sweeps/). Each trial trains a run under `results/sweeps/<study>/runs/`, is scored on
 **validation** (accuracy) and by the latency harness (the materialized user tower at batch 1 plus exact
 retrieval, measured under the machine-wide lock so parallel workers do not disturb each other), and never on
-test: after the search, the Pareto trials alone are evaluated on test, once.
+test: after the search, the Pareto trials alone are evaluated on test, once. A base config whose `retrieval.index`
+is not exact scores both through that index — validation ranked from its candidates (the exact metrics and its
+recall against exact search kept beside), the request timed with its search — so index settings (e.g.
+`retrieval.nprobe`) are search dimensions like any other.
 
 Storage: a journal file `results/sweeps/<study>/journal.log` by default (safe for local parallel workers), or any
 RDB URL (PostgreSQL for workers on several machines; heartbeats plus a retry callback re-run the trial of a dead
@@ -71,6 +74,12 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
     out = train(run_cfg, callbacks=[reporter], test=False)
     t1 = time.perf_counter()
     trial.set_user_attr("run_dir", out["run_dir"])
+    if run_cfg.retrieval.index != "exact":  # scored as served: validation ranked through the run's index
+        from recsys.recipes.retrieval_index import evaluate_run_index  # faiss: imported only when used
+        through = evaluate_run_index(out["run_dir"], None, "val", progress=False)
+        trial.set_user_attr("val_exact", out["val"])
+        trial.set_user_attr("index", {"spec": through.spec, **through.recall_vs_exact})
+        out["val"] = through.index.metrics
     trial.set_user_attr("val", out["val"])
     trial.set_user_attr("val_curve", reporter.curve)
     trial.set_user_attr("overrides", overrides)

@@ -10,6 +10,10 @@ Formats (each a folder that also holds the tokenizer):
 - `torch-export`: `tower.pt2`, a `torch.export` program of the whole tower (ids, mask → unit embeddings) with
   dynamic batch and sequence length; `torch.export.load(path).module()` runs it without our code.
 - `onnx`: `tower.onnx` of the whole tower (dynamic batch and sequence length), for ONNX Runtime.
+
+A sequence user tower (`recsys/models/sequence_tower.py`) reads item vectors, not tokens: `export_sequence_tower`
+writes it as `torch-export` or `onnx` (item vectors [B, N, d_item] and their mask [B, N] → unit embeddings; dynamic
+batch, the N positions fixed: a server left-pads a shorter history with mask 0).
 """
 from __future__ import annotations
 
@@ -119,6 +123,49 @@ def export_tower(tower: Tower, tokenizer, out: Path, fmt: str) -> str:
                           output_names=["tower_output"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
                           verbose=False)
     return fmt
+
+
+def export_sequence_tower(tower, out: Path, fmt: str) -> str:
+    """Write a compact (gate-free) sequence user tower to the folder `out` as `torch-export` (`tower.pt2`) or `onnx`
+    (`tower.onnx`): inputs `item_vectors` [B, N, d_item] float32 and `mask` [B, N] (1 = an item, oldest first,
+    left-padded), output [B, d] unit vectors. Returns the format written."""
+    if fmt not in ("torch-export", "onnx"):
+        raise RecsysError(f"--format {fmt}: a sequence user tower reads item vectors, not tokens, so no Hugging Face "
+                          "format fits it; export it with --format onnx or --format torch-export")
+    if tower.gates is not None:
+        raise RecsysError("export: materialize the tower first (it still has gates)")
+    tower = tower.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(2, tower.n_items, tower.item_dim, generator=g), dim=-1)
+    mask = torch.ones(2, tower.n_items, dtype=torch.long)
+    mask[1, : tower.n_items // 2] = 0  # a short history: traced with padding
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {"items": {0: batch}, "mask": {0: batch}}
+    if fmt == "torch-export":
+        program = torch.export.export(tower, (items, mask), dynamic_shapes=dynamic)
+        torch.export.save(program, str(out / "tower.pt2"))
+    else:
+        try:
+            import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
+        except ImportError:
+            raise RecsysError("--format onnx needs the export extra: pip install 'recsys[export]'") from None
+        torch.onnx.export(tower, (items, mask), str(out / "tower.onnx"), input_names=["item_vectors", "mask"],
+                          output_names=["tower_output"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
+                          verbose=False)
+    return fmt
+
+
+def run_exported_sequence(path: Path, fmt: str, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Embeddings from an exported sequence tower for item vectors [B, N, d_item] and their mask [B, N]."""
+    if fmt == "torch-export":
+        with torch.inference_mode():
+            return torch.export.load(str(path / "tower.pt2")).module()(items, mask)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path / "tower.onnx"), providers=["CPUExecutionProvider"])
+    (emb,) = sess.run(None, {"item_vectors": items.float().numpy(), "mask": mask.long().numpy()})
+    return torch.from_numpy(emb)
 
 
 def load_tower(path: str | Path) -> Tower:

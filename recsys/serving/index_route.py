@@ -19,7 +19,7 @@ from recsys.efficiency.index_cost import IndexLatencyModel, fit, index_work, loa
 from recsys.efficiency.latency import exclusive, measure, threads
 from recsys.efficiency.predictor import device_key
 from recsys.retrieval.index import ItemIndex, build_index, set_search_params
-from recsys.serving.routes import served_user_call
+from recsys.serving.routes import user_call
 from recsys.tracking.records import cpu_flags
 
 
@@ -64,9 +64,10 @@ def _query(out) -> np.ndarray:
 
 def index_request_calls(tower: torch.nn.Module, seq_len: int, index: ItemIndex, route: str = "fp32",
                         layers=("attention", "ffn")) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(user tower at batch 1 served by `route`, one search of `index` for that user's embedding); the request
-    is `search(user())` — see `request_call`."""
-    user = served_user_call(tower, seq_len, route, layers)
+    """(user tower at batch 1 served by `route` — a text tower over `seq_len` tokens, a sequence tower over
+    `seq_len` history items — and one search of `index` for that user's embedding); the request is
+    `search(user())` — see `request_call`."""
+    user = user_call(tower, seq_len, index.n_items, route, layers)
     q = _query(user())
     return user, lambda: index.search(q, index.cfg.k)
 

@@ -38,16 +38,22 @@ def sequence_user_call(tower: SequenceTower, n_history: int, n_items: int,
     return lambda: tower(*lookup(ids, table))
 
 
+def user_call(tower: torch.nn.Module, seq_len: int, n_items: int, route: str = "fp32",
+              layers=("attention", "ffn")) -> Callable[[], torch.Tensor]:
+    """The user tower of one request at batch 1, either family: a text tower over `seq_len` tokens served by
+    `route`; a sequence tower over `seq_len` history items looked up in a cached catalog of `n_items`."""
+    if isinstance(tower, SequenceTower):
+        if route != "fp32":
+            raise RecsysError(f"a sequence user tower is served in fp32 (eager), not by route {route!r}")
+        return sequence_user_call(tower, seq_len, n_items)
+    return served_user_call(tower, seq_len, route, layers)
+
+
 def request_calls(tower: torch.nn.Module, seq_len: int, n_items: int, route: str = "fp32",
                   layers=("attention", "ffn")) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
     """(user tower at batch 1 served by `route`, exact retrieval over `n_items`) of one request. A sequence user
     tower reads `seq_len` history items: their vectors looked up in the cached catalog, then its transformer."""
-    if isinstance(tower, SequenceTower):
-        if route != "fp32":
-            raise RecsysError(f"a sequence user tower is served in fp32 (eager), not by route {route!r}")
-        user = sequence_user_call(tower, seq_len, n_items)
-    else:
-        user = served_user_call(tower, seq_len, route, layers)
+    user = user_call(tower, seq_len, n_items, route, layers)
     return user, retrieval_call(n_items, int(user().shape[-1]))
 
 
