@@ -111,18 +111,22 @@ def export_tower(tower: Tower, tokenizer, out: Path, fmt: str) -> str:
     ids, mask = _example(tower)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=512)
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    if fmt == "torch-export":
-        program = torch.export.export(tower, (ids, mask), dynamic_shapes=dynamic)
-        torch.export.save(program, str(out / "tower.pt2"))
-    else:
-        try:
-            import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
-        except ImportError:
-            raise RecsysError("--format onnx needs the export extra: pip install 'recsys[export]'") from None
-        torch.onnx.export(tower, (ids, mask), str(out / "tower.onnx"), input_names=["input_ids", "attention_mask"],
-                          output_names=["tower_output"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
-                          verbose=False)
+    _save_program(tower, (ids, mask), ["input_ids", "attention_mask"], dynamic, out, fmt)
     return fmt
+
+
+def _save_program(tower: torch.nn.Module, example: tuple, input_names: list[str], dynamic: dict, out: Path,
+                  fmt: str) -> None:
+    """The whole tower traced on `example` inputs: `tower.pt2` (torch.export) or `tower.onnx` (ONNX, dynamo)."""
+    if fmt == "torch-export":
+        torch.export.save(torch.export.export(tower, example, dynamic_shapes=dynamic), str(out / "tower.pt2"))
+        return
+    try:
+        import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
+    except ImportError:
+        raise RecsysError("--format onnx needs the export extra: pip install 'recsys[export]'") from None
+    torch.onnx.export(tower, example, str(out / "tower.onnx"), input_names=input_names, output_names=["tower_output"],
+                      dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False)
 
 
 def export_sequence_tower(tower, out: Path, fmt: str) -> str:
@@ -142,17 +146,7 @@ def export_sequence_tower(tower, out: Path, fmt: str) -> str:
     mask[1, : tower.n_items // 2] = 0  # a short history: traced with padding
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {"items": {0: batch}, "mask": {0: batch}}
-    if fmt == "torch-export":
-        program = torch.export.export(tower, (items, mask), dynamic_shapes=dynamic)
-        torch.export.save(program, str(out / "tower.pt2"))
-    else:
-        try:
-            import onnxscript  # noqa: F401  (the dynamo ONNX exporter needs it)
-        except ImportError:
-            raise RecsysError("--format onnx needs the export extra: pip install 'recsys[export]'") from None
-        torch.onnx.export(tower, (items, mask), str(out / "tower.onnx"), input_names=["item_vectors", "mask"],
-                          output_names=["tower_output"], dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True,
-                          verbose=False)
+    _save_program(tower, (items, mask), ["item_vectors", "mask"], dynamic, out, fmt)
     return fmt
 
 
