@@ -27,6 +27,7 @@ def test_dense_weights_score_sparse_history_rows_as_the_dense_product():
     """EASE^R's scorer multiplies the sparse history rows by W (nnz·N work): the scores of the dense product."""
     split = leave_last_out(generate(seed=1, n_users=60, n_items=40))
     w = ease_weights(split.matrix("val"), 10.0)
+    assert w.flags["C_CONTIGUOUS"]  # else scipy copies W on every sparse × dense product
     users = np.arange(0, split.n_users, 3)
     for stage in ("val", "test"):
         dense = torch.from_numpy(np.asarray(split.matrix(stage)[users].todense()) @ w)
