@@ -34,7 +34,7 @@ from recsys.errors import RecsysError
 from recsys.models.encoder import FFN, Attention, BertEncoder, Embeddings
 from recsys.models.sequence_tower import SequenceTower
 from recsys.models.tower import Tower
-from recsys.serving.routes import sequence_user_call, served_user_call
+from recsys.serving.routes import user_call
 from recsys.tracking.records import write_json
 
 
@@ -95,8 +95,6 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
         return lambda: m(ids, torch.zeros_like(ids))
 
     def pool_call(L: int):
-        if sequence is not None:  # reads the newest position: nothing to pool
-            return None
         x, mask = torch.randn(1, L, H), torch.ones(1, L, 1)
         return lambda: torch.nn.functional.normalize((x * mask).sum(1) / mask.sum(1), dim=-1)
 
@@ -109,7 +107,7 @@ def build_tables(base: Shape, items=(1000, 10000, 100000), dims=(64, 128, 256, 3
         attn = [[ms(attn_call(h, L)) for L in seq] for h in heads]
         ffn = [[ms(ffn_call(n, L)) for L in seq] for n in neurons]
         embed = [ms(embed_call(L)) for L in seq]
-        pooled = [ms(pool_call(L)) if sequence is None else 0.0 for L in seq]
+        pooled = [ms(pool_call(L)) if sequence is None else 0.0 for L in seq]  # a sequence tower reads one position
         proj = [ms(proj_call(k)) for k in dims]
         retrieval = [[ms(retrieval_call(n, k)) for k in dims] for n in items]
     bar.close()
@@ -122,11 +120,9 @@ def measure_towers(shapes: list[Shape], rounds: int = 5, per_round: int = 3, rou
     """Median ms of a fresh tower at each shape (batch 1, its seq_len) served by `route` (a sequence tower with
     `sequence`: over seq_len cached item vectors), measured interleaved in rounds so that this machine's drift
     spreads over all shapes alike."""
-    if sequence is not None:
-        calls = {i: sequence_user_call(_sequence_tower(s, sequence), s.seq_len, 1000) for i, s in enumerate(shapes)}
-    else:
-        calls = {i: served_user_call(Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim),
-                                     s.seq_len, route) for i, s in enumerate(shapes)}
+    towers = [_sequence_tower(s, sequence) if sequence is not None
+              else Tower(BertEncoder(s.replace(output_dim=None)), s.hidden, s.output_dim) for s in shapes]
+    calls = {i: user_call(t, s.seq_len, 1000, route) for i, (t, s) in enumerate(zip(towers, shapes, strict=True))}
     timings = interleaved(calls, rounds=rounds, per_round=per_round)
     return [timings[i].p50 for i in range(len(shapes))]
 
@@ -153,9 +149,7 @@ def load_or_build(base: Shape, cache_dir: Path | None = None, progress: bool = T
     `sequence`: the tables of a sequence user tower (fp32 only), cached under their own key."""
     cache_dir = Path(cache_dir) if cache_dir is not None else predictor.CACHE_DIR
     key = device_key("float32")
-    if sequence is not None:
-        if route != "fp32":
-            raise RecsysError(f"a sequence user tower is served in fp32 (eager), not by route {route!r}")
+    if sequence is not None:  # (served in fp32 only: another route is refused when it is measured, by user_call)
         key = {**key, "sequence": dataclasses.asdict(sequence), "positions": base.max_positions}
     path = _cache_path(key, base, cache_dir)
     tab = _cached(path, key)
