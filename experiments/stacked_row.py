@@ -70,13 +70,13 @@ def structure_run(structure_json: Path) -> tuple[Path, str]:
 
 def served_users(run: Path, spec: str, overrides: list[str]):
     """(test evaluation through the index, exact) of `run`'s users encoded by its served (int8) user tower."""
-    cfg, module, ds, split, items, index = run_index(run, spec, progress=False, overrides=overrides)
+    cfg, module, ds, split, _, keys, index = run_index(run, spec, progress=False, overrides=overrides)
     tok = load_tokenizer(resolve_model_path(cfg.model.encoder))
     texts = [user_text(ds.item_texts, split.history(int(u), "test"), cfg.data.history_items)
              for u in split.eval_users]
     users = encode_texts(served_tower(module.user_tower, cfg), tok, texts, cfg.data.user_max_tokens,
                          cfg.train.eval_batch_size, progress=False)
-    return evaluate_index(users, items, index, split, "test", cfg.train.eval_batch_size)
+    return evaluate_index(users, keys, index, split, "test", cfg.train.eval_batch_size)
 
 
 def main(argv=None) -> int:

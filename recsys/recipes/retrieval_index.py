@@ -73,10 +73,10 @@ def catalog_embeddings(module, cfg: RunConfig, item_texts: list[str], cache: Pat
 
 def run_index(target: str | Path, spec: str | RetrievalConfig | None = None, rebuild: bool = False,
               progress: bool = True, overrides: list[str] | None = None, loaded: tuple | None = None):
-    """(config, module, dataset, split, item-tower embeddings, index) of a run searched through `spec` (its own
-    `retrieval` section when None); `loaded`: the run's (config, module) when the caller has loaded it already.
-    The index holds what users are scored against: the item-tower embeddings, through a sequence user tower's
-    adaptor when it has one."""
+    """(config, module, dataset, split, item-tower embeddings, keys, index) of a run searched through `spec` (its
+    own `retrieval` section when None); `loaded`: the run's (config, module) when the caller has loaded it already.
+    The keys are what users are scored against, and what the index holds: the item-tower embeddings, through a
+    sequence user tower's adaptor when it has one."""
     run_dir, ckpt = run_paths(target)
     cfg, module = loaded or load_run(run_dir, overrides)
     index_cfg = resolve_index(spec, cfg)
@@ -89,7 +89,7 @@ def run_index(target: str | Path, spec: str | RetrievalConfig | None = None, reb
         index = cached_index(cache, keys, index_cfg, fingerprint, rebuild=rebuild, seed=cfg.train.seed)
     else:
         index = build_index(keys, index_cfg, seed=cfg.train.seed)
-    return cfg, module, ds, split, items, index
+    return cfg, module, ds, split, items, keys, index
 
 
 @torch.inference_mode()
@@ -104,7 +104,7 @@ def evaluate_run_index(target: str | Path, spec: str | RetrievalConfig | None = 
     metrics from the index's candidates and its recall@10 / @100 against exact search."""
     if stage not in ("val", "test"):
         raise RecsysError(f"stage must be 'val' or 'test', got '{stage}'")
-    cfg, module, ds, split, items, index = run_index(target, spec, rebuild, progress)
+    cfg, module, ds, split, items, keys, index = run_index(target, spec, rebuild, progress)
     check_lengths(cfg, module)
     if module.sequence:  # the sequence tower over the cached vectors of each user's last N items
         users = sequence_user_embeddings(module.user_tower, items, split, stage, cfg.train.eval_batch_size)
@@ -114,7 +114,7 @@ def evaluate_run_index(target: str | Path, spec: str | RetrievalConfig | None = 
                  for u in split.eval_users]
         users = encode_texts(module.user_tower, tok, texts, cfg.data.user_max_tokens, cfg.train.eval_batch_size,
                              desc=f"encode users ({stage})", progress=progress)
-    out = evaluate_index(users, _keys(module, items), index, split, stage, cfg.train.eval_batch_size)
+    out = evaluate_index(users, keys, index, split, stage, cfg.train.eval_batch_size)
     return replace(out, index=replace(out.index, user_ids=ds.user_ids), exact=replace(out.exact, user_ids=ds.user_ids))
 
 
@@ -127,8 +127,8 @@ def online_request_index(run_dir: str | Path, spec: str | RetrievalConfig | None
     returns: the call and the counted costs, plus `search`, the index search alone, and `index`). E.g. the stacked
     row: time `online_request_index(run, "hnsw,M=32,...", overrides=["compress.precision=int8"])` interleaved with
     `online_request(dense_run)`. `loaded`: the run's (config, module) when already loaded."""
-    cfg, module, _, _, items, index = run_index(run_dir, spec, rebuild, progress=False, overrides=overrides,
-                                                loaded=loaded)
+    cfg, module, _, _, _, _, index = run_index(run_dir, spec, rebuild, progress=False, overrides=overrides,
+                                               loaded=loaded)
     seq = seq_len or user_input_length(cfg.model, cfg.data)  # tokens, or a sequence tower's N items
     tower = materialize(module.user_tower)
     route = route_for(cfg.compress.precision, cfg.compress.int8_backend)
