@@ -40,22 +40,33 @@ def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> d
     report = {"run": str(run_dir), "format": fmt, "towers": {}}
     with staged_dir(final) as staging:
         for name, tower in towers.items():
-            compact = materialize(tower)
-            written = export_tower(compact, tokenizer, staging / name, fmt)
-            batch = tokenize(tokenizer, texts, cfg.data.user_max_tokens)
-            with torch.inference_mode():
-                kept = tower.gates.kept()["output"]
-                ref = tower(**batch)[:, kept > 0] if kept is not None else tower(**batch)
-            got = run_exported(staging / name, written, batch["input_ids"], batch["attention_mask"])
-            err = float((got - ref).abs().max())
-            if err > 1e-4:
-                raise RecsysError(f"export {name}: exported embeddings differ from the gated model by {err:.2e}")
-            report["towers"][name] = {"written_format": written, "shape": compact.encoder.shape.to_dict(),
-                                      "dim": compact.dim, "max_abs_diff": err,
-                                      "params": sum(p.numel() for p in compact.parameters())}
+            report["towers"][name] = _export_checked(name, tower, tokenizer, texts, cfg.data.user_max_tokens,
+                                                     staging / name, fmt)
         write_json(staging / "export.json", report)
     report["path"] = str(final)
     return report
+
+
+def _max_diff(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |Δ| between an exported artifact's embeddings and the run's; above 1e-4 an error."""
+    err = float((got - ref).abs().max())
+    if err > 1e-4:
+        raise RecsysError(f"export {name}: exported embeddings differ from the run's tower by {err:.2e}")
+    return err
+
+
+def _export_checked(name: str, tower, tokenizer, texts: list[str], max_tokens: int, dest: Path, fmt: str) -> dict:
+    """A text tower materialized, exported to `dest` in `fmt`, reloaded and run on `texts`: its embeddings must equal
+    the run's tower's (its kept output dims, when gated). Returns the tower's report entry."""
+    compact = materialize(tower)
+    written = export_tower(compact, tokenizer, dest, fmt)
+    batch = tokenize(tokenizer, texts, max_tokens)
+    with torch.inference_mode():
+        kept = tower.gates.kept()["output"] if tower.gates is not None else None
+        ref = tower(**batch)[:, kept > 0] if kept is not None else tower(**batch)
+    err = _max_diff(name, run_exported(dest, written, batch["input_ids"], batch["attention_mask"]), ref)
+    return {"written_format": written, "shape": compact.encoder.shape.to_dict(), "dim": compact.dim,
+            "max_abs_diff": err, "params": sum(p.numel() for p in compact.parameters())}
 
 
 def export_sequence_run(run_dir: Path, cfg, module, fmt: str, out: str | Path | None = None) -> dict:
@@ -80,24 +91,12 @@ def export_sequence_run(run_dir: Path, cfg, module, fmt: str, out: str | Path | 
         written = export_sequence_tower(compact, staging / "user", fmt)
         with torch.inference_mode():
             ref = module.user_tower(vectors, mask)
-        got = run_exported_sequence(staging / "user", written, vectors, mask.long())
-        err = float((got - ref).abs().max())
-        if err > 1e-4:
-            raise RecsysError(f"export user: exported embeddings differ from the run's sequence tower by {err:.2e}")
+        err = _max_diff("user", run_exported_sequence(staging / "user", written, vectors, mask.long()), ref)
         report["towers"]["user"] = {"written_format": written, "shape": compact.shape.to_dict(), "dim": compact.dim,
                                     "n_history": compact.n_items, "item_dim": compact.item_dim,
                                     "max_abs_diff": err, "params": sum(p.numel() for p in compact.parameters())}
-        item = module.item_tower.eval()
-        written = export_tower(item, tokenizer, staging / "item", fmt)
-        batch = tokenize(tokenizer, ds.item_texts[:2], cfg.data.item_max_tokens)
-        with torch.inference_mode():
-            ref = item(**batch)
-        err = float((run_exported(staging / "item", written, batch["input_ids"], batch["attention_mask"])
-                     - ref).abs().max())
-        if err > 1e-4:
-            raise RecsysError(f"export item: exported embeddings differ from the run's item tower by {err:.2e}")
-        report["towers"]["item"] = {"written_format": written, "dim": item.dim, "max_abs_diff": err,
-                                    "params": sum(p.numel() for p in item.parameters())}
+        report["towers"]["item"] = _export_checked("item", module.item_tower, tokenizer, ds.item_texts[:2],
+                                                   cfg.data.item_max_tokens, staging / "item", fmt)
         np.save(staging / "catalog_items.npy", items.numpy())
         np.save(staging / "catalog_keys.npy", keys.numpy())
         write_json(staging / "item_ids.json", list(ds.item_ids))
