@@ -108,9 +108,9 @@ def ease_call(weights: np.ndarray, history: int, k: int = 10):
 def text_item_tower(text_run: Path) -> list[str]:
     """Overrides that put the text two-tower's fine-tuned item tower under the sequence tower
     (`model.item_tower_from`, frozen by configs/ml100k_sequence.yaml), with the run's item encoder and token budget."""
-    from recsys.runs import load_run
+    from recsys.runs import run_config, run_paths
 
-    cfg, _ = load_run(text_run)
+    cfg = run_config(run_paths(text_run)[0])  # its config alone: the weights are read by the training run
     return [f"model.item_tower_from={text_run}", f"model.encoder={cfg.model.item_encoder or cfg.model.encoder}",
             f"data.item_max_tokens={cfg.data.item_max_tokens}"]
 

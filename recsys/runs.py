@@ -74,14 +74,18 @@ def load_teacher(target: str | Path) -> tuple[RunConfig, TwoTowerModule]:
     return load_run(target)
 
 
+def run_config(run_dir: Path) -> RunConfig:
+    """A run folder's resolved config (`config.yaml`), validated, without loading its weights."""
+    return from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+
+
 def load_run(target: str | Path, overrides: list[str] | None = None,
              device: str | torch.device = "cpu") -> tuple[RunConfig, TwoTowerModule]:
     """A trained run's resolved config (with dotted `overrides`, e.g. another data.user_max_tokens to serve
     it at) and its module with the checkpoint's weights (eval mode, on `device`: the CPU unless asked). A distilled
     run loads without its teacher (the distillation projections are training-only)."""
     run_dir, ckpt = run_paths(target)
-    cfg = (load_config(run_dir / "config.yaml", overrides) if overrides
-           else from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")))
+    cfg = load_config(run_dir / "config.yaml", overrides) if overrides else run_config(run_dir)
     state = load_checkpoint_state(ckpt)
     module = build_module(cfg, distill=False)
     state = {k: v for k, v in state.items() if not k.startswith("distiller.")}
@@ -119,7 +123,7 @@ def init_item_tower(module, source: str | Path, cfg: RunConfig) -> None:
     fine-tuned item tower under a sequence user tower. The run must encode items as this config does (same item
     encoder and data.item_max_tokens: its item vectors are what is reused) and its item tower must be dense."""
     run_dir, ckpt = run_paths(source)
-    src = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    src = run_config(run_dir)
     theirs = src.model.item_encoder or src.model.encoder
     ours = cfg.model.item_encoder or cfg.model.encoder
     if theirs != ours or src.data.item_max_tokens != cfg.data.item_max_tokens:
