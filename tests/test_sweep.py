@@ -316,6 +316,50 @@ def test_a_study_keeps_its_search_space(tmp_path, tiny_model, capsys):
     assert main(["sweep", "--config", str(other), "study=test2"]) == 0  # as the message says
 
 
+def test_a_journal_with_a_torn_last_record_resumes(tmp_path, tiny_model, capsys):
+    """A worker killed mid-write leaves half a record at the journal's end: the next sweep reports it in one line,
+    moves it aside and cuts the journal back to its last complete record before appending (nothing lands on the
+    torn line), and the study resumes; the run after that reads a clean journal and says nothing."""
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=1)
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    journal = tmp_path / "results" / "sweeps" / "test" / "journal.log"
+    whole = journal.read_bytes()
+    last = whole.splitlines()[-1]
+    torn = last[: len(last) // 2]  # a real record cut mid-line, no newline
+    journal.write_bytes(whole + torn)
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(cfg), "n_trials=2"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "incomplete" in line]
+    assert len(warned) == 1 and str(journal) in warned[0] and f"{len(torn)} bytes" in warned[0], err
+    assert "Traceback" not in err
+    after = journal.read_bytes()
+    assert after.startswith(whole) and after.endswith(b"\n")  # the complete records kept, the torn bytes gone
+    assert all(json.loads(line) is not None for line in after.splitlines())  # every line a whole record
+    assert (journal.parent / "journal.log.torn").read_bytes() == torn + b"\n"
+    assert [t["state"] for t in read_csv(journal.parent / "trials.csv")] == ["COMPLETE"] * 2
+    assert main(["sweep", "--config", str(cfg), "n_trials=2"]) == 0
+    assert "incomplete" not in capsys.readouterr().err
+
+
+def test_a_journal_corrupt_before_its_end_is_one_line(tmp_path, tiny_model, capsys):
+    """A bad line inside the journal (not a torn tail) cannot be skipped safely: one line naming it, exit 2."""
+    cfg = write_sweep(tmp_path, tiny_model, n_trials=1)
+    journal = tmp_path / "results" / "sweeps" / "test" / "journal.log"
+    journal.parent.mkdir(parents=True)
+    import optuna
+
+    optuna.create_study(study_name="test", directions=["maximize", "minimize"],
+                        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                            str(journal))))
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0][:10] + b"\n" + b"".join(lines[1:]))
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 1 is not a complete record" in err and str(journal) in err, err
+
+
 def test_a_sweep_whose_trials_all_failed_exits_non_zero(tmp_path, tiny_model, capsys):
     cfg = write_sweep(tmp_path, tiny_model, n_trials=1, max_failed=1,
                       params={"data.user_max_tokens": "{type: categorical, choices: [100000]}"})

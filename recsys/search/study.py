@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,10 @@ def make_storage(cfg: SweepConfig):
     import warnings
 
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-    from optuna.storages.journal import JournalFileBackend
 
     if cfg.storage is None:
         cfg.folder.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(cfg.folder / "journal.log")))
+        return JournalStorage(journal_backend(cfg.folder / "journal.log"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeats are marked experimental
@@ -177,6 +177,95 @@ def make_storage(cfg: SweepConfig):
     except Exception as e:  # sqlalchemy / driver errors: an unreachable or malformed URL
         msg = " ".join(str(e).split())[:160]
         raise RecsysError(f"storage {_redact(cfg.storage)}: cannot connect ({type(e).__name__}: {msg})") from None
+
+
+def journal_backend(path: Path):
+    """Optuna's journal file, read and appended as a write-ahead log: a torn last record (a worker killed mid-write,
+    a full disk: bytes after the last newline) is cut off before anything is appended, so a new record never
+    lands on the torn line. The torn bytes are kept in `<journal>.torn` and reported in one line; the study
+    resumes from its last complete record. Optuna appends under the journal's lock, and so does the cut."""
+    import json
+
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    class _Journal(JournalFileBackend):
+        def __init__(self, file_path: str):
+            self._own_lock = JournalFileSymlinkLock(file_path)
+            super().__init__(file_path, lock_obj=self._own_lock)
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+            self._own_lock.acquire()
+            try:
+                _cut_torn_tail(Path(self._file_path))
+                with open(self._file_path, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                self._own_lock.release()
+
+    backend = _Journal(str(path))
+    if _torn_tail(path):
+        backend._own_lock.acquire()
+        try:
+            _cut_torn_tail(path)
+        finally:
+            backend._own_lock.release()
+    return backend
+
+
+def _torn_tail(path: Path) -> bool:
+    """Whether the journal's last record is incomplete (the file does not end with a newline)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Cut the journal back to its last newline (call with the journal's lock held); the torn bytes go to
+    `<journal>.torn` first (fsynced), so nothing is lost if this process dies between the two steps."""
+    if not _torn_tail(path):
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep, step = end, 1 << 16
+        while keep > 0:  # the last newline, read backwards in blocks
+            start = max(0, keep - step)
+            f.seek(start)
+            i = f.read(keep - start).rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            keep = start
+        f.seek(keep)
+        torn = f.read()
+        aside = path.with_name(path.name + ".torn")
+        with open(aside, "ab") as t:
+            t.write(torn + b"\n")
+            t.flush()
+            os.fsync(t.fileno())
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"warning: {path}: its last record is incomplete ({len(torn)} bytes after the last newline: a worker "
+          f"killed mid-write or a full disk); ignored and moved to {aside}, the study resumes from the last complete "
+          f"record", file=sys.stderr, flush=True)
+
+
+def _corrupt_line(path: Path) -> int | None:
+    """The number (1-based) of the journal's first line that is not a JSON record, if any."""
+    import json
+
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                return n
+    return None
 
 
 def _redact(url: str) -> str:
@@ -273,8 +362,13 @@ def open_study(cfg: SweepConfig):
         study = optuna.create_study(study_name=cfg.study, storage=storage, sampler=make_sampler(cfg),
                                     directions=cfg.directions, load_if_exists=True)
     except Exception as e:
+        journal = cfg.folder / "journal.log"
+        bad = _corrupt_line(journal) if cfg.storage is None and isinstance(e, ValueError) else None
+        if bad is not None:
+            raise RecsysError(f"storage {journal}: line {bad} is not a complete record (the journal is corrupt "
+                              f"there, not only at its end); the study cannot be read past it") from None
         msg = " ".join(str(e).split())[:160]
-        raise RecsysError(f"storage {_redact(cfg.storage or str(cfg.folder / 'journal.log'))}: {msg}") from None
+        raise RecsysError(f"storage {_redact(cfg.storage or str(journal))}: {msg}") from None
     have = [d.name.lower() for d in study.directions]
     if have != cfg.directions:
         raise RecsysError(f"study {cfg.study!r} exists with directions {have}, the sweep config asks for "
