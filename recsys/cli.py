@@ -123,7 +123,7 @@ def _evaluate_index(args) -> None:
 
 def cmd_export(args) -> None:
     from recsys.recipes.export import export_run
-    out = export_run(args.run, args.format, args.output)
+    out = export_run(args.run, args.format, args.output, overwrite=args.overwrite)
     for name, t in out["towers"].items():
         params = t["params"] / 1e6
         print(f"{name} tower: {t['written_format']} at {out['path']}/{name} ({params:.2f} M params, dim {t['dim']}, "
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run")
     x.add_argument("--format", choices=["hf", "torch-export", "onnx"], default="hf")
     x.add_argument("--output", help="folder to write (default: <run>/export/<format>)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --output (swapped in once the new one is complete)")
     x.set_defaults(func=cmd_export)
     return p
 

@@ -153,3 +153,50 @@ def test_in_run_recovery_fixes_the_structure_for_the_last_part_of_training(penal
     assert 0 < first and all(frozen[first:]) and first == pytest.approx(len(frozen) / 2, abs=1)
     assert not torch.equal(rec.steps[0][1], rec.steps[first - 1][1])  # the gates moved while learning
     assert all(torch.equal(rec.steps[first][1], a) for _, a in rec.steps[first:])  # and not after
+
+
+def _one_error(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_never_deletes_what_it_did_not_write(penalised_run, tmp_path, capsys):
+    """`recsys export --output` onto a folder of someone else's files, onto the run folder (or a folder holding
+    it), onto a file: refused in one line, everything left as it was, no `.partial` beside it. An earlier export is
+    replaced only with --overwrite (and not when it holds a file the export did not write)."""
+    run, _, _ = penalised_run
+    notes = tmp_path / "notes"
+    (notes / "MY_NOTES.txt").parent.mkdir()
+    (notes / "MY_NOTES.txt").write_text("keep me")
+    err = _one_error(capsys, "export", run, "--output", notes)
+    assert "is not an export" in err and str(notes) in err
+    assert _tree(notes) == {"MY_NOTES.txt": b"keep me"}
+    before = _tree(run)
+    for target in (run, run.parent):
+        err = _one_error(capsys, "export", run, "--output", target)
+        assert "is the run folder" in err
+    assert _tree(run) == before
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"\0" * 10)
+    err = _one_error(capsys, "export", run, "--output", a_file)
+    assert "is not a folder" in err and a_file.read_bytes() == b"\0" * 10
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--output", str(out)]) == 0
+    first = _tree(out)
+    assert set(json.loads(first["export.json"])["files"]) == set(first)
+    capsys.readouterr()
+    err = _one_error(capsys, "export", run, "--output", out)
+    assert "--overwrite" in err and _tree(out) == first
+    assert main(["export", str(run), "--output", str(out), "--overwrite"]) == 0
+    assert set(_tree(out)) == set(first)
+    capsys.readouterr()
+    (out / "user" / "MY_NOTES.txt").write_text("mine")
+    err = _one_error(capsys, "export", run, "--output", out, "--overwrite")
+    assert "did not write" in err and "user/MY_NOTES.txt" in err and (out / "user" / "MY_NOTES.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "model.bin", "notes"]  # no .partial, no .lock

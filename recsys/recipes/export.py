@@ -4,6 +4,7 @@ not) with its item tower and the catalog vectors a request reads.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,22 @@ from recsys.serving.export import FORMATS, export_sequence_tower, export_tower, 
 from recsys.serving.materialize import materialize
 from recsys.tracking.records import staged_dir, write_json
 
+# what an export writes at its top level (an export.json without a file list: an export of an older version)
+EXPORT_NAMES = frozenset({"user", "item", "export.json", "catalog_items.npy", "catalog_keys.npy", "item_ids.json"})
 
-def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> dict:
+
+def export_run(target: str | Path, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Materialize a gated run's tower(s), export them to `out` (default `<run>/export/<fmt>`), reload each
-    artifact and check that its embeddings equal the gated model's (max |Δ| reported; > 1e-4 is an error)."""
+    artifact and check that its embeddings equal the gated model's (max |Δ| reported; > 1e-4 is an error).
+
+    Nothing the export did not write is ever removed: an existing `out` that is not an earlier export (or is the
+    run folder, or holds it) is refused; an earlier export is replaced only with `overwrite`, by a swap once the new
+    one is complete and checked."""
     if fmt not in FORMATS:
         raise RecsysError(f"--format: unknown format {fmt!r} (expected {', '.join(FORMATS)})")
     run_dir, _ = run_paths(target)
+    out = Path(out) if out is not None else run_dir / "export" / fmt
+    check_output(run_dir, out, overwrite)
     cfg, module = load_run(target)
     if module.sequence:
         return export_sequence_run(run_dir, cfg, module, fmt, out)
@@ -36,15 +46,60 @@ def export_run(target: str | Path, fmt: str, out: str | Path | None = None) -> d
     if module.separate:
         towers["item"] = module.item_tower
     texts = ["a probe sentence for the exported tower", "toy story. genres: animation, children's, comedy"]
-    final = Path(out) if out is not None else run_dir / "export" / fmt
+    final = Path(out)
     report = {"run": str(run_dir), "format": fmt, "towers": {}}
     with staged_dir(final) as staging:
         for name, tower in towers.items():
             report["towers"][name] = _export_checked(name, tower, tokenizer, texts, cfg.data.user_max_tokens,
                                                      staging / name, fmt)
-        write_json(staging / "export.json", report)
+        _write_report(staging, report)
     report["path"] = str(final)
     return report
+
+
+def check_output(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output the export would destroy something in (see export_run): one line each."""
+    where, run = out.resolve(), run_dir.resolve()
+    if where == run or where in run.parents:
+        raise RecsysError(f"--output {out}: is the run folder {run_dir}{'' if where == run else ' or holds it'}; "
+                          f"an export never replaces it (default: {run_dir / 'export' / '<format>'})")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise RecsysError(f"--output {out}: exists and is not a folder; choose another --output")
+    if not any(out.iterdir()):
+        return
+    files = _exported_files(out)
+    if files is None:
+        raise RecsysError(f"--output {out}: exists and is not an export (no export.json); refusing to replace it, "
+                          f"choose another --output")
+    others = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                    if not p.is_dir() and str(p.relative_to(out)) not in files
+                    and (files or p.relative_to(out).parts[0] not in EXPORT_NAMES))
+    if others:
+        raise RecsysError(f"--output {out}: an earlier export that also holds files it did not write "
+                          f"({', '.join(others[:3])}{', …' if len(others) > 3 else ''}); move them or choose another "
+                          f"--output")
+    if not overwrite:
+        raise RecsysError(f"--output {out}: holds an earlier export; pass --overwrite to replace it")
+
+
+def _exported_files(folder: Path) -> set[str] | None:
+    """The files an earlier export in `folder` wrote (empty: an older export without a file list, judged by
+    EXPORT_NAMES); None when `folder` holds no export."""
+    try:
+        report = json.loads((folder / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or not {"run", "format", "towers"} <= set(report):
+        return None
+    return set(report.get("files") or ())
+
+
+def _write_report(staging: Path, report: dict) -> None:
+    """export.json, with the list of files the export wrote (what a later --overwrite may replace)."""
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
+    write_json(staging / "export.json", {**report, "files": [*files, "export.json"]})
 
 
 def _max_diff(name: str, got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -100,6 +155,6 @@ def export_sequence_run(run_dir: Path, cfg, module, fmt: str, out: str | Path | 
         np.save(staging / "catalog_items.npy", items.numpy())
         np.save(staging / "catalog_keys.npy", keys.numpy())
         write_json(staging / "item_ids.json", list(ds.item_ids))
-        write_json(staging / "export.json", report)
+        _write_report(staging, report)
     report["path"] = str(final)
     return report

@@ -130,9 +130,13 @@ def staged_dir(final: Path, keep: tuple[str, ...] = (), resume: bool = False):
             else:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        if final.exists():  # swap: the old folder goes aside first, so an interruption loses neither
+            old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
     finally:
         lock.release()
         Path(lock.lock_file).unlink(missing_ok=True)  # no lock file left in results/
