@@ -355,7 +355,7 @@ def parse_index_spec(spec: str, base: RetrievalConfig | None = None) -> Retrieva
             valid = sorted({*INDEX_KEYS[kind], *(a for a, n in SPEC_ALIASES.items() if n in INDEX_KEYS[kind])})
             raise RecsysError(f"index spec {spec!r}: {pair!r} is not a setting of {kind} (key=value with key one of "
                               f"{', '.join(valid)})")
-        data[name] = yaml.safe_load(raw)
+        data[name] = load_yaml(raw)
         given.add(name)
     if "nlist" in given and "nprobe" not in given and isinstance(data["nlist"], int):
         data["nprobe"] = min(data["nprobe"], data["nlist"])  # the default nprobe, within a small nlist
@@ -469,7 +469,7 @@ def _check_range(obj, name, lo, hi):
 def _check_choice(obj, name, allowed):
     v = getattr(obj, name)
     if v not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {short_repr(v)}")
 
 
 def _check_literals(obj) -> None:
@@ -504,10 +504,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except RecsysError as e:
                 errors.append(e)
         names = " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
-        raise RecsysError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+        raise RecsysError(f"{where}: expected {names}, got {type(value).__name__} {short_repr(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise RecsysError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise RecsysError(f"{where}: expected a list, got {type(value).__name__} {short_repr(value)}")
         return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
@@ -529,14 +529,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise RecsysError(f"{where}: must be a finite number, got {value!r}")
+                raise RecsysError(f"{where}: must be a finite number, got {short_repr(value)}")
             return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     else:
         return value
-    raise RecsysError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} {value!r}")
+    raise RecsysError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__} "
+                      f"{short_repr(value)}")
 
 
 def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
@@ -570,8 +571,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise RecsysError(f"override '{item}': expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
+            value = load_yaml(raw) if raw else None
+        except yaml.YAMLError as e:
+            if "alias" in str(e) or "twice" in str(e):
+                raise RecsysError(f"override '{item[:80]}': {getattr(e, 'problem', e)}") from None
             value = raw
         node = out
         parts = key.split(".")
@@ -591,12 +594,13 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or a syntax error is one line naming file:line."""
+    """Read a YAML mapping; a missing file, a syntax error, a duplicated key or an alias bomb is one line naming
+    file:line."""
     p = Path(path)
     if not p.is_file():
         raise RecsysError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(read_utf8(p))
+        data = load_yaml(read_utf8(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -644,3 +648,81 @@ def describe(cfg: RunConfig) -> str:
             value = value.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  {f.name}: {value}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
     return "\n".join(lines)
+MAX_YAML_VALUES = 100_000  # values one YAML document may expand to, aliases counted at every use
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing two things it accepts silently: a key given twice in one mapping (the last
+    would win: almost always an editing mistake) and aliases that expand past MAX_YAML_VALUES values (an alias
+    bomb: a few hundred bytes that expand to gigabytes once anything walks or prints them)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # `<<:` merges are meant to be overridden by the keys beside them
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {str(key)[:60]!r} is given twice (lines {seen[key]} and {line}); "
+                        f"keep one", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """The number of values `node` stands for with every alias expanded (memoised per node: linear in the
+    document's size however deep the aliases nest); past MAX_YAML_VALUES, or recursive, a YAML error."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "a recursive alias (a value that contains itself)",
+                                          node.start_mark)
+    open_.add(key)
+    children = ([v for kv in node.value for v in kv] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_)
+        if size > MAX_YAML_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases expand this value to more than {MAX_YAML_VALUES} values (an alias bomb?)",
+                node.start_mark)
+    open_.discard(key)
+    sizes[key] = size
+    return size
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load` with the checks of `_Loader` (duplicated keys, bounded alias expansion)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr cut short (never built whole: a value may be huge), and for a
+    container its type and size."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    if isinstance(value, (list, tuple, dict, set)):
+        text += f" ({type(value).__name__} of {len(value)})"
+    return text
+
+

@@ -122,6 +122,57 @@ def test_config_file_not_utf8(capsys, tmp_path, results):
     assert_contains(line, "latin.yaml")
 
 
+@pytest.mark.parametrize("text, lines, key", [
+    ("data:\n  name: synthetic\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", (4, 6), "lr"),
+    ("train:\n  lr: 0.1\ndata:\n  name: synthetic\ntrain:\n  epochs: 2\n", (1, 5), "train"),
+], ids=["key", "section"])
+def test_a_duplicated_key_is_refused_with_both_lines(capsys, tmp_path, results, text, lines, key):
+    cfg = write(tmp_path / "dup.yaml", text)
+    line = fails(capsys, "train", "--config", cfg, f"tracking.results_dir={results}")
+    assert_contains(line, f"dup.yaml:{lines[1]}:", f"key '{key}' is given twice", f"lines {lines[0]} and {lines[1]}")
+
+
+def test_a_merge_key_overridden_beside_it_is_not_a_duplicate(tmp_path):
+    from recsys.config import read_yaml
+
+    cfg = write(tmp_path / "merge.yaml", "base: &b\n  lr: 0.1\n  epochs: 2\ntrain:\n  <<: *b\n  lr: 0.2\n")
+    assert read_yaml(cfg)["train"] == {"lr": 0.2, "epochs": 2}
+
+
+def alias_bomb(levels: int, width: int = 9) -> str:
+    """`[&a [lol × width], &b [*a × width], …]`: a few hundred bytes, width**levels values once expanded."""
+    names = [f"l{i}" for i in range(levels)]
+    parts = [f"&{names[0]} [{', '.join(['lol'] * width)}]"]
+    parts += [f"&{n} [{', '.join([f'*{prev}'] * width)}]" for prev, n in zip(names, names[1:])]
+    return f"[{', '.join(parts)}]"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path, results):
+    """9 levels (387M values) under a typed key, as a real process: one line, nothing printed of the value."""
+    cfg = write(tmp_path / "bomb.yaml", f"data:\n  name: {alias_bomb(9)}\n")
+    assert cfg.stat().st_size < 1000
+    done = run_process(["train", "--config", str(cfg), f"tracking.results_dir={results}"], tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert_contains(one_error_line(done.stderr), "bomb.yaml:2:", "aliases expand", "100000 values")
+
+
+def test_an_alias_bomb_in_an_override_or_a_sweep_choice(capsys, tmp_path, results):
+    line = fails(capsys, "train", f"data.name={alias_bomb(7)}", f"tracking.results_dir={results}")
+    assert_contains(line, "override 'data.name=", "aliases expand")
+    assert len(line) < 300
+    sweep = write(tmp_path / "sweep.yaml", f"study: s\nbase_config: {REPO / 'configs' / 'synthetic.yaml'}\n"
+                                           f"results_dir: {results}\nparams:\n  data.name:\n    type: categorical\n"
+                                           f"    choices: {alias_bomb(9)}\n")
+    assert_contains(fails(capsys, "sweep", "--config", sweep), "sweep.yaml:7:", "aliases expand")
+
+
+def test_a_value_of_the_wrong_type_is_shown_short(capsys, results):
+    """A value within the alias bound but large (10^4 strings) is named by a short repr, its type and size."""
+    line = fails(capsys, "train", f"data.name={alias_bomb(4, width=10)}", f"tracking.results_dir={results}")
+    assert_contains(line, "data.name: expected str, got list", "(list of 4)")
+    assert len(line) < 200
+
+
 # --- overrides ----------------------------------------------------------------------------------------------
 
 
