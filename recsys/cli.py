@@ -4,6 +4,7 @@
     recsys baselines [--config C] [--dataset NAME]      Popularity, ItemKNN, EASE^R, zero-shot encoder
     recsys train [--config C] [section.key=value ...]   fit a two-tower model, test it, write results/runs/<name>/
     recsys evaluate RUN [--stage test] [--compare X]     re-evaluate a run; paired test against another run
+    recsys serve RUN [RUN ...] [--slo-ms P99] [--port]  the runs behind an HTTP server, switching to hold the SLO
 
 User errors (config, data, paths, options) end with one line on stderr and exit code 2, without a traceback.
 Each verb imports its recipe when it runs (torch, Lightning and transformers take seconds to import), so
@@ -119,6 +120,31 @@ def _evaluate_index(args) -> None:
                          {"model": f"{args.run} ({res.spec})", **res.index.metrics}]))
     print(f"\nindex {res.spec} against exact search: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                                       res.recall_vs_exact.items()))
+
+
+def cmd_serve(args) -> None:
+    from dataclasses import fields
+
+    from recsys.config import ServeConfig, from_dict
+    settings = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name) is not None}
+    try:
+        cfg = from_dict(ServeConfig, settings, "recsys serve")
+    except RecsysError as e:  # name the flag, not the field
+        msg = str(e)
+        for f in fields(ServeConfig):
+            msg = msg.replace(f"recsys serve: {f.name} ", f"recsys serve: --{f.name.replace('_', '-')} ")
+        raise RecsysError(msg) from None
+    delays = {}
+    for item in args.inject_delay_ms or []:
+        name, sep, ms = item.rpartition("=")
+        try:
+            delays[name] = float(ms)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise RecsysError(f"--inject-delay-ms {item!r}: expected RUN_NAME=MILLISECONDS")
+    from recsys.recipes.serve import serve
+    serve(args.runs, cfg, index=args.index, from_study=args.from_study, port=args.port, inject_delay_ms=delays)
 
 
 def cmd_export(args) -> None:
@@ -264,6 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # extra workers of --workers
     w.add_argument("overrides", nargs="*", help="sweep keys (n_trials=4) or training overrides (train.lr=3e-5)")
     w.set_defaults(func=cmd_sweep)
+
+    v = sub.add_parser("serve", help="serve runs of a front on 127.0.0.1 (LitServe), switching models to hold a "
+                                     "p99 SLO under load")
+    v.add_argument("runs", nargs="*", metavar="RUN", help="run folders (RUN:key=value,… serves it with overrides, "
+                   "e.g. data.user_max_tokens=48); ordered by validation NDCG@10, most accurate first")
+    v.add_argument("--from-study", help="also serve the Pareto trials of a sweep (its folder, holding pareto.csv)")
+    v.add_argument("--index", help="search every run's catalog through this faiss index, e.g. 'hnsw,M=32' "
+                   "(default: each run's own retrieval.index)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--slo-ms", type=float, help="p99 latency target; with several runs the controller switches")
+    v.add_argument("--max-batch", type=int, help="dynamic batching: most requests per forward (default 1)")
+    v.add_argument("--batch-timeout-ms", type=float, help="dynamic batching: longest wait to fill a batch (default 0)")
+    v.add_argument("--threads", type=int, help="torch/faiss threads of the model worker")
+    v.add_argument("--window", type=int, help="requests whose p99 the controller watches (default 64)")
+    v.add_argument("--min-samples", type=int, help="requests on a model before the controller decides (default 16)")
+    v.add_argument("--down-at", type=float, help="faster model when p99 > this × SLO (default 0.8)")
+    v.add_argument("--up-at", type=float, help="more accurate model when p99 < this × SLO and it fits (default 0.5)")
+    v.add_argument("--max-utilization", type=float,
+                   help="a more accurate model is taken back only below this predicted utilisation (default 0.7)")
+    v.add_argument("--queue-timeout-s", type=float, help="answer 504 to a request queued longer (default 30)")
+    v.add_argument("--max-body-bytes", type=int, help="413 for larger request bodies (default 65536)")
+    v.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, longest wait for requests in flight (default 30)")
+    v.add_argument("--inject-delay-ms", action="append", metavar="RUN_NAME=MS",
+                   help="fault injection (tests, drills): add MS to every batch that run serves")
+    v.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="materialize a gated run and export its tower(s) for serving")
     x.add_argument("run")

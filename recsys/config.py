@@ -450,6 +450,37 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class ServeConfig:
+    """`recsys serve` (recsys/serving/server.py, controller.py): batching, limits, the latency SLO and the
+    controller that moves along the front to hold it."""
+
+    slo_ms: float | None = None  # p99 latency target; with several runs the controller switches models to hold it
+    window: int = 64  # latest requests of the serving model whose p99 the controller watches
+    min_samples: int = 16  # requests on a model (after a switch) before the controller decides again
+    down_at: float = 0.8  # p99 above down_at × SLO: the next faster model
+    up_at: float = 0.5  # p99 below up_at × SLO and the slower model fits the load: the next more accurate model
+    max_utilization: float = 0.7  # a more accurate model is taken back only below this predicted utilisation
+    max_batch: int = 1  # dynamic batching: most requests one forward serves (LitServe max_batch_size)
+    batch_timeout_ms: float = 0.0  # dynamic batching: longest wait for a batch to fill (LitServe batch_timeout)
+    queue_timeout_s: float = 30.0  # a request queued longer is answered 504 without being computed
+    max_body_bytes: int = 65536  # larger request bodies get 413
+    drain_timeout_s: float = 30.0  # on SIGTERM: longest wait for in-flight requests before stopping
+    threads: int | None = None  # torch (and faiss) threads of the model worker (None: torch's default)
+
+    def __post_init__(self):
+        _check_positive(self, "slo_ms", "window", "min_samples", "max_batch", "queue_timeout_s", "max_body_bytes",
+                        "drain_timeout_s", "threads", "max_utilization")
+        _check_range(self, "batch_timeout_ms", 0, None)
+        _check_range(self, "down_at", 0, None)
+        _check_range(self, "up_at", 0, None)
+        if self.min_samples > self.window:
+            raise ValueError(f"min_samples ({self.min_samples}) must be <= window ({self.window})")
+        if self.up_at >= self.down_at:
+            raise ValueError(f"up_at ({self.up_at}) must be below down_at ({self.down_at}): the gap is the "
+                             "controller's hysteresis")
+
+
 # --- validation helpers (used by __post_init__; raise ValueError, turned into one-line RecsysErrors) ---------
 
 
