@@ -143,7 +143,7 @@ def alias_bomb(levels: int, width: int = 9) -> str:
     """`[&a [lol × width], &b [*a × width], …]`: a few hundred bytes, width**levels values once expanded."""
     names = [f"l{i}" for i in range(levels)]
     parts = [f"&{names[0]} [{', '.join(['lol'] * width)}]"]
-    parts += [f"&{n} [{', '.join([f'*{prev}'] * width)}]" for prev, n in zip(names, names[1:])]
+    parts += [f"&{n} [{', '.join([f'*{prev}'] * width)}]" for prev, n in zip(names[:-1], names[1:], strict=True)]
     return f"[{', '.join(parts)}]"
 
 
