@@ -118,8 +118,14 @@ def _evaluate_index(args) -> None:
     res = evaluate_run_index(args.run, args.index, args.stage, rebuild=args.rebuild_index)
     print(results_table([{"model": f"{args.run} (exact)", **res.exact.metrics},
                          {"model": f"{args.run} ({res.spec})", **res.index.metrics}]))
-    print(f"\nindex {res.spec} against exact search: " + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                                      res.recall_vs_exact.items()))
+    stage = {"val": "validation", "test": "test"}[args.stage]
+    print(f"\nindex {res.spec} against exact search on {len(res.index.users)} {stage} user queries: ann recall@10 "
+          f"{res.ann_recall:.4f} (its own top 10); history masked, as ranked: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in res.recall_vs_exact.items()))
+    if res.tuning:
+        t = res.tuning
+        print(f"tuned on {t['n_queries']} {t['queries']}: {t['param']}={t['value']} is the smallest reaching recall@10 "
+              f"{t['target']} ({t['recall']:.4f}; recorded in {args.run}/index_tuning.json)")
 
 
 def cmd_serve(args) -> None:
@@ -279,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metric", default="ndcg@10")
     e.add_argument("--device", default="cpu", help="where to encode and rank: cpu (default), cuda, cuda:N or auto")
     e.add_argument("--index", help="search through a retrieval index, e.g. 'hnsw,M=32,efSearch=128' or "
-                   "'ivf,nlist=64,nprobe=8' (recsys/retrieval/index.py); prints exact beside it and its recall")
+                   "'ivf,nlist=64,nprobe=8' (recsys/retrieval/index.py); prints exact beside it and its recall on the "
+                   "run's user queries; 'ivf,nlist=64,recall=0.95' tunes nprobe (efSearch) to that recall@10 on "
+                   "validation users; 'ivf,...,probe=queries' fits the lists' probe vectors to them")
     e.add_argument("--rebuild-index", action="store_true", help="build the cached index again (the run changed)")
     e.set_defaults(func=cmd_evaluate)
 

@@ -36,6 +36,7 @@ UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower fami
 # index: flat inner product, IVF (k-means), IVF-PQ, HNSW, scalar-quantized flat (sq8, fp16)
 IndexKind = Literal["exact", "flat", "ivf", "ivfpq", "hnsw", "sq8", "fp16"]
 IndexDevice = Literal["cpu", "gpu"]  # retrieval.device: faiss-cpu, or faiss's GPU indexes (the GPU build)
+ProbeKind = Literal["centroids", "queries"]  # retrieval.probe: how IVF picks the lists a query searches
 
 
 def choices(tp) -> tuple:
@@ -316,12 +317,16 @@ class RetrievalConfig:
     k: int = 100  # items a request retrieves (evaluation ranks items not retrieved after all retrieved ones)
     device: IndexDevice = "cpu"  # cpu | gpu (faiss GPU build and a CUDA device)
     cache: bool = True  # keep item embeddings and built indexes per run and spec (results/cache/index/)
+    recall: float = 0.0  # ivf/ivfpq/hnsw: tune nprobe / efSearch to this recall@10 on validation users (0 = off)
+    probe: ProbeKind = "centroids"  # ivf: pick lists by their k-means centroids, or by probe vectors fitted to
+    #                                 validation user queries (recsys/retrieval/query_aware.py)
 
     def __post_init__(self):
         _check_literals(self)
         _check_positive(self, "nlist", "nprobe", "pq_m", "hnsw_m", "ef_construction", "ef_search", "k")
         _check_range(self, "pq_nbits", 1, 16)
         _check_range(self, "refine", 0, None)
+        _check_range(self, "recall", 0, 1)
         if self.index in ("ivf", "ivfpq") and self.nprobe > self.nlist:
             raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
         if self.index == "hnsw" and self.ef_search < self.k:
@@ -329,15 +334,22 @@ class RetrievalConfig:
                              f"ef_search candidates")
         if self.refine and self.index != "ivfpq":
             raise ValueError(f"refine re-ranks compressed codes: it applies to index=ivfpq, not {self.index!r}")
+        if self.probe != "centroids" and self.index != "ivf":
+            raise ValueError(f"probe={self.probe} replaces IVF-Flat's coarse centroids: it applies to index=ivf, "
+                             f"not {self.index!r}")
+        if self.recall and self.index not in ("ivf", "ivfpq", "hnsw"):
+            raise ValueError(f"recall={self.recall} tunes nprobe / efSearch: it applies to ivf, ivfpq and hnsw, "
+                             f"not {self.index!r}")
 
 
 # the keys an index spec string may use (faiss's names beside ours), and which keys each index kind reads
 SPEC_ALIASES = {"M": "hnsw_m", "efConstruction": "ef_construction", "efSearch": "ef_search", "m": "pq_m",
                 "nbits": "pq_nbits"}
 INDEX_KEYS = {"exact": ("k",), "flat": ("k", "device"), "sq8": ("k", "device"), "fp16": ("k", "device"),
-              "ivf": ("nlist", "nprobe", "k", "device"),
-              "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "refine", "k", "device"),
-              "hnsw": ("hnsw_m", "ef_construction", "ef_search", "k")}
+              "ivf": ("nlist", "nprobe", "probe", "recall", "k", "device"),
+              "ivfpq": ("nlist", "nprobe", "pq_m", "pq_nbits", "refine", "recall", "k", "device"),
+              "hnsw": ("hnsw_m", "ef_construction", "ef_search", "recall", "k")}
+SPEC_DEFAULTS = {"device": "cpu", "recall": 0.0, "probe": "centroids"}  # left out of a spec string when at them
 
 
 def parse_index_spec(spec: str, base: RetrievalConfig | None = None) -> RetrievalConfig:
@@ -364,7 +376,7 @@ def parse_index_spec(spec: str, base: RetrievalConfig | None = None) -> Retrieva
 
 def index_spec(cfg: RetrievalConfig) -> str:
     """The compact spec string of an index (its own settings only): parse_index_spec(index_spec(c)) == c's index."""
-    keys = [k for k in INDEX_KEYS[cfg.index] if k != "device" or cfg.device != "cpu"]
+    keys = [k for k in INDEX_KEYS[cfg.index] if k not in SPEC_DEFAULTS or getattr(cfg, k) != SPEC_DEFAULTS[k]]
     short = {v: k for k, v in SPEC_ALIASES.items()}
     return ",".join([cfg.index, *(f"{short.get(k, k)}={getattr(cfg, k)}" for k in keys)])
 

@@ -11,6 +11,10 @@ Per query of dimension d over N items (k results):
     hnsw            efSearch·2M·d + log2(N)·M·d            (the base layer's candidate list × its degree 2M; the
                                                             greedy descent through the upper layers)
 
+An index's cost is quoted with what it buys: `search_cost` puts its work and memory beside its recall@10 against
+exact search on the model's own user queries (validation users; measured by `recsys.recipes.retrieval_index`),
+since a setting that is cheap for item-like queries can miss most neighbours of real users.
+
 Latency ≈ scale[kind] · work / 1e6 + overhead[kind] ms, the two constants fitted per kind on indexes measured
 on this device (`recsys.serving.index_route.calibrate_index_latency`), cached under the device key like the
 operator tables (`recsys.efficiency.predictor`). The counts follow Jégou et al. 2011 (IVFADC) and Malkov &
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.config import RetrievalConfig
+from recsys.config import RetrievalConfig, index_spec
 
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys")) / "latency"  # as the predictor's
 CODE_BYTES = {"exact": 4, "flat": 4, "ivf": 4, "sq8": 1, "fp16": 2, "hnsw": 4}
@@ -68,6 +72,15 @@ def index_memory_bytes(cfg: RetrievalConfig, n_items: int, dim: int) -> float:
         return float(n * (cfg.pq_m * cfg.pq_nbits / 8 + 8) + cfg.nlist * d * 4 + 2 ** cfg.pq_nbits * d * 4
                      + (n * d * 4 if cfg.refine else 0))
     return float(n * d * 4 + n * 2 * cfg.hnsw_m * 4 * 1.1)  # hnsw: vectors + base-layer links (+ upper layers)
+
+
+def search_cost(cfg: RetrievalConfig, n_items: int, dim: int, recall: float, queries: str,
+                tuning: dict | None = None) -> dict:
+    """The index term of an online request: its spec, per-query work (`index_work`), bytes held, and the recall@10
+    against exact it was measured at on `queries` (e.g. "validation users"), with how it was tuned if it was."""
+    return {"spec": index_spec(cfg), **index_work(cfg, n_items, dim),
+            "memory_bytes": index_memory_bytes(cfg, n_items, dim), "recall@10": float(recall),
+            "recall_queries": queries, "tuning": tuning}
 
 
 @dataclass

@@ -22,6 +22,7 @@ faiss is an optional dependency (`pip install recsys[faiss]`), imported when an 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,6 +85,7 @@ class ItemIndex:
     build_s: float
     index: object | None = None  # the faiss index (None: exact search over `items`)
     items: torch.Tensor | None = None  # [N, d] float32 (exact search only)
+    tuning: object | None = None  # how its query-time setting was tuned to `cfg.recall` (index_tuning.Tuning)
 
     @property
     def spec(self) -> str:
@@ -93,6 +95,9 @@ class ItemIndex:
         """Top-`k` items by inner product for each query row: (scores [B, k] float32, ids [B, k] int64)."""
         q = queries.detach().float().cpu().numpy() if torch.is_tensor(queries) else np.asarray(queries, np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)  # [B, d]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise RecsysError(f"index {self.spec}: queries of shape {tuple(q.shape)} for an index over {self.dim}-d "
+                              f"items (built for another embedding dimension? rebuild it: --rebuild-index)")
         k = min(k, self.n_items)
         if self.index is None:
             scores, ids = torch.topk(torch.from_numpy(q) @ self.items.T, k, dim=1)  # [B, k]
@@ -143,21 +148,35 @@ def _build_cpu(faiss, items: np.ndarray, cfg: RetrievalConfig, seed: int, train_
     return index
 
 
+def _matrix(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def build_index(items: np.ndarray | torch.Tensor, cfg: RetrievalConfig, seed: int = 0,
-                train_size: int | None = None) -> ItemIndex:
+                train_size: int | None = None, queries: np.ndarray | torch.Tensor | None = None) -> ItemIndex:
     """The index `cfg` describes over `items` [N, d] (L2-normalised float32 rows; row i = item i). `train_size`:
-    k-means / PQ training on a random sample of that many items (default: TRAIN_PER_LIST per centroid)."""
-    x = items.detach().float().cpu().numpy() if torch.is_tensor(items) else np.asarray(items, np.float32)
-    x = np.ascontiguousarray(x, dtype=np.float32)  # [N, d]
+    k-means / PQ training on a random sample of that many items (default: TRAIN_PER_LIST per centroid).
+    `queries` [Q, d]: sampled user queries, for `probe=queries` (its lists' probe vectors are fitted to them)."""
+    x = _matrix(items)  # [N, d]
     if x.ndim != 2 or not len(x):
         raise RecsysError(f"item embeddings must be a non-empty [items, dim] matrix, got shape {x.shape}")
     n, d = x.shape
     check_index(cfg, n, d)
+    if cfg.probe == "queries" and (queries is None or not len(queries)):
+        raise RecsysError(f"retrieval.probe=queries ({index_spec(cfg)}): fitting the lists' probe vectors needs "
+                          f"sampled user queries (a run's validation users)")
     start = time.perf_counter()
     if cfg.index == "exact":
         return ItemIndex(cfg, n, d, time.perf_counter() - start, items=torch.from_numpy(x))
     faiss = _faiss()
     index = _build_cpu(faiss, x, cfg, seed, train_size)
+    if cfg.probe == "queries":
+        from recsys.retrieval.query_aware import fit_router
+        q = _matrix(queries)
+        if q.ndim != 2 or q.shape[1] != d:
+            raise RecsysError(f"retrieval.probe=queries: user queries of shape {q.shape} for {d}-d items")
+        fit_router(index, x, q)
     if cfg.device == "gpu":
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
@@ -207,31 +226,54 @@ def save_index(index: ItemIndex, folder: Path, fingerprint: str) -> None:
         cpu = faiss.index_gpu_to_cpu(index.index) if index.cfg.device == "gpu" else index.index
         faiss.write_index(cpu, str(folder / "index.faiss.partial"))
         (folder / "index.faiss.partial").replace(folder / "index.faiss")
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    (folder / "meta.json.partial").write_text(json.dumps(meta, indent=1))
+    (folder / "meta.json.partial").replace(folder / "meta.json")  # last: a folder with meta.json is complete
+
+
+class StaleIndex(Exception):
+    """A cached index that cannot be used as it is (truncated, corrupt, or not for this catalog): rebuild it."""
 
 
 def load_index(folder: Path, cfg: RetrievalConfig, fingerprint: str, items: torch.Tensor | None = None
                ) -> ItemIndex | None:
     """The index saved in `folder` for `cfg`, or None if there is none. One built from another source than
-    `fingerprint` (the run was retrained or its catalog changed since) is a RecsysError."""
+    `fingerprint` (the run was retrained or its catalog changed since) is a RecsysError; one whose files are
+    truncated or corrupt, or that does not match its metadata or `items` [N, d], raises StaleIndex (why, in one
+    line: `cached_index` rebuilds it)."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta["fingerprint"] != fingerprint:
-        raise RecsysError(f"{folder}: cached index {meta['spec']} was built from {meta['fingerprint'][:12]}, but the "
+    try:
+        meta = json.loads(meta_path.read_text())
+        saved = RetrievalConfig(**meta["config"])
+        n, d, build_s, source = int(meta["n_items"]), int(meta["dim"]), float(meta["build_s"]), meta["fingerprint"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise StaleIndex(f"{meta_path}: corrupt metadata ({type(e).__name__})") from None
+    if source != fingerprint:
+        raise RecsysError(f"{folder}: cached index {meta.get('spec')} was built from {str(source)[:12]}, but the "
                           f"run is now {fingerprint[:12]} (retrained or its catalog changed); rebuild it "
                           f"(--rebuild-index) or delete the folder")
+    if items is not None and tuple(items.shape) != (n, d):
+        raise StaleIndex(f"{folder}: cached index is over {n} × {d} items, the catalog is "
+                         f"{items.shape[0]} × {items.shape[1]}")
     if cfg.index == "exact":
-        return ItemIndex(cfg, meta["n_items"], meta["dim"], meta["build_s"], items=items)
+        return ItemIndex(cfg, n, d, build_s, items=items)
     faiss = _faiss()
-    index = faiss.read_index(str(folder / "index.faiss"))
+    path = folder / "index.faiss"
+    if not path.is_file():
+        raise StaleIndex(f"{path}: missing beside its metadata")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:  # faiss: "read_xb_vector", "Index type ... not recognized", short reads
+        raise StaleIndex(f"{path}: truncated or corrupt ({path.stat().st_size:,} bytes)") from None
+    if (index.d, index.ntotal) != (d, n):
+        raise StaleIndex(f"{path}: holds {index.ntotal} × {index.d} vectors, its metadata says {n} × {d}")
     if cfg.device == "gpu":
-        check_index(cfg, meta["n_items"], meta["dim"])
+        check_index(cfg, n, d)
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
         index.res_keep = res
-    built = ItemIndex(RetrievalConfig(**meta["config"]), meta["n_items"], meta["dim"], meta["build_s"], index=index)
+    built = ItemIndex(saved, n, d, build_s, index=index)
     return set_search_params(built, cfg)
 
 
@@ -242,16 +284,23 @@ def build_key(cfg: RetrievalConfig) -> str:
     parts = [cfg.index, *(f"{k}={getattr(cfg, k)}" for k in keep)]
     if cfg.index == "ivfpq" and cfg.refine:
         parts.append("refine")
+    if cfg.probe != "centroids":
+        parts.append(f"probe={cfg.probe}")
     return "-".join(parts)
 
 
 def cached_index(cache: Path, items: torch.Tensor, cfg: RetrievalConfig, fingerprint: str,
-                 rebuild: bool = False, seed: int = 0) -> ItemIndex:
-    """The index over `items` from `cache`/<build key>/, built and saved there when missing (or `rebuild`)."""
+                 rebuild: bool = False, seed: int = 0, queries: torch.Tensor | None = None) -> ItemIndex:
+    """The index over `items` from `cache`/<build key>/, built and saved there when missing (or `rebuild`);
+    `queries`: the user queries a `probe=queries` index is fitted to (part of `fingerprint`'s source)."""
     folder = cache / build_key(cfg)
-    found = None if rebuild else load_index(folder, cfg, fingerprint, items)
+    try:
+        found = None if rebuild else load_index(folder, cfg, fingerprint, items)
+    except StaleIndex as e:
+        print(f"warning: {e}: rebuilding it", file=sys.stderr, flush=True)
+        found = None
     if found is not None:
         return found
-    index = build_index(items, cfg, seed=seed)
+    index = build_index(items, cfg, seed=seed, queries=queries)
     save_index(index, folder, fingerprint)
     return index

@@ -1,0 +1,221 @@
+"""Indexes measured on the queries that arrive (issue 26): recall against exact on a run's user vectors, an index
+tuned to a recall target on validation users (recorded with the run), an IVF whose probe vectors are fitted to
+user queries; and cached indexes that are truncated, corrupt or of another dimension (issue 25, item 7)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.cli import main
+from recsys.config import index_spec, parse_index_spec
+from recsys.errors import RecsysError
+
+faiss = pytest.importorskip("faiss")
+
+
+def clustered(n: int, d: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    x = centres[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def user_like(n: int, items: np.ndarray, seed: int) -> np.ndarray:
+    """Queries not distributed like the items: the mean of 8 random items, pushed along one shared direction."""
+    rng = np.random.default_rng(seed)
+    x = items[rng.integers(0, len(items), (n, 8))].mean(1)
+    off = np.random.default_rng(99).standard_normal(items.shape[1])
+    x = x + 1.5 * off / np.linalg.norm(off) + 0.3 * rng.standard_normal(x.shape) / np.sqrt(items.shape[1])
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the spec keys ------------------------------------------------------------------------------------------------
+
+
+def test_recall_and_probe_are_spec_keys():
+    cfg = parse_index_spec("ivf,nlist=64,recall=0.95,probe=queries")
+    assert (cfg.recall, cfg.probe) == (0.95, "queries") and parse_index_spec(index_spec(cfg)) == cfg
+    assert index_spec(parse_index_spec("ivf,nlist=64,nprobe=8")) == "ivf,nlist=64,nprobe=8,k=100"  # defaults unsaid
+    assert parse_index_spec("hnsw,M=16,recall=0.9").recall == 0.9
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ivf,recall=1.5", "recall must be in [0, 1], got 1.5"),
+    ("flat,recall=0.9", "'recall=0.9' is not a setting of flat"),
+    ("hnsw,probe=queries", "'probe=queries' is not a setting of hnsw"),
+    ("ivf,probe=users", "probe must be one of centroids, queries"),
+])
+def test_bad_recall_and_probe_specs_are_one_line(spec, message):
+    with pytest.raises(RecsysError) as e:
+        parse_index_spec(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --- tuning to a recall target ------------------------------------------------------------------------------------
+
+
+def test_tuning_picks_the_smallest_nprobe_reaching_the_target():
+    from recsys.retrieval.index import build_index, exact_topk, recall_at, set_search_params
+    from recsys.retrieval.index_tuning import tune_index
+    x = clustered(4000)
+    q = torch.from_numpy(user_like(300, x, seed=1))
+    keys = torch.from_numpy(x)
+    built = build_index(x, parse_index_spec("ivf,nlist=32,recall=0.9,k=10"))
+    tuned, t = tune_index(built, q, keys)
+    truth = exact_topk(q, keys, 10).numpy()
+
+    def recall(p):
+        return recall_at(set_search_params(built, parse_index_spec(f"ivf,nlist=32,nprobe={p},k=10")).search(q, 10)[1],
+                         truth, 10)
+    assert t.param == "nprobe" and 1 < t.value < 32 and tuned.cfg.nprobe == t.value
+    assert recall(t.value) == pytest.approx(t.recall) and t.recall >= 0.9 > recall(t.value - 1)  # the smallest
+    assert tuned.spec == f"ivf,nlist=32,nprobe={t.value},recall=0.9,k=10" and t.n_queries == 300
+    assert [v for v, _ in t.curve][:2] == [1, 2]  # doubling from the smallest value, then bisection
+    _, strict = tune_index(built, q, keys, target=0.99)
+    assert strict.value > t.value  # a higher target needs more lists
+
+
+def test_tuning_hnsw_and_an_unreachable_target():
+    from recsys.retrieval.index import build_index
+    from recsys.retrieval.index_tuning import tune_index
+    x = clustered(3000)
+    q = torch.from_numpy(user_like(200, x, seed=1))
+    hnsw, t = tune_index(build_index(x, parse_index_spec("hnsw,M=8,efConstruction=40,k=10")), q,
+                         torch.from_numpy(x), target=0.95)
+    assert t.param == "ef_search" and t.value >= 10 and t.recall >= 0.95 and hnsw.cfg.ef_search == t.value
+    coarse = build_index(x, parse_index_spec("ivfpq,nlist=16,m=4,nbits=4,k=10"))  # 4 × 4-bit codes: lossy
+    with pytest.raises(RecsysError) as e:
+        tune_index(coarse, q, torch.from_numpy(x), target=0.999)
+    msg = str(e.value)
+    assert "retrieval.recall=0.999" in msg and "reaches at most recall@10" in msg and "nprobe=" in msg
+    assert "\n" not in msg
+
+
+# --- an IVF that knows its queries ------------------------------------------------------------------------------------
+
+
+def test_probe_vectors_fitted_to_user_queries_find_more_neighbours(tmp_path):
+    from recsys.retrieval.index import build_index, cached_index, exact_topk, recall_at, set_search_params
+    from recsys.retrieval.query_aware import list_of_items
+    x = clustered(4000)
+    fit, held_out = user_like(600, x, seed=1), user_like(300, x, seed=2)  # fitted on some users, measured on others
+    truth = exact_topk(torch.from_numpy(held_out), torch.from_numpy(x), 10).numpy()
+    plain = build_index(x, parse_index_spec("ivf,nlist=32,nprobe=2,k=10"))
+    aware = build_index(x, parse_index_spec("ivf,nlist=32,nprobe=2,probe=queries,k=10"), queries=fit)
+    # the items stay in the lists k-means gave them: only which lists a query probes changes
+    assert np.array_equal(list_of_items(faiss.extract_index_ivf(plain.index), 4000),
+                          list_of_items(faiss.extract_index_ivf(aware.index), 4000))
+    for p in (1, 2, 4):
+        r = [recall_at(set_search_params(ix, parse_index_spec(f"ivf,nlist=32,nprobe={p},probe={kind},k=10"))
+                       .search(held_out, 10)[1], truth, 10) for ix, kind in ((plain, "centroids"), (aware, "queries"))]
+        assert r[1] > r[0] + 0.02, (p, r)
+    scores, ids = aware.search(held_out[:5], 10)  # IVF-Flat scores raw vectors: the probe vectors change no score
+    assert np.allclose(scores, np.einsum("qd,qkd->qk", held_out[:5], x[ids]), atol=1e-5)
+    with pytest.raises(RecsysError, match="probe=queries.*needs sampled user queries"):
+        build_index(x, parse_index_spec("ivf,nlist=32,probe=queries"))
+    saved = cached_index(tmp_path, torch.from_numpy(x), aware.cfg, "f", queries=fit)
+    again = cached_index(tmp_path, torch.from_numpy(x), aware.cfg, "f")  # loaded: the probe vectors kept
+    assert (tmp_path / "ivf-nlist=32-probe=queries" / "index.faiss").is_file()
+    assert np.array_equal(again.search(held_out, 10)[1], saved.search(held_out, 10)[1])
+
+
+# --- a trained run: evaluation, tuning recorded with the run, the index term, the sweep -------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model):
+    from conftest import tiny_run_args, train_run
+    root = tmp_path_factory.mktemp("index_queries_run")
+    return train_run(tiny_run_args(tiny_model, root), root, "r")
+
+
+def test_evaluate_tunes_on_validation_users_and_records_it(run, capsys, monkeypatch):
+    assert main(["evaluate", str(run), "--index", "ivf,nlist=8,recall=0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "test user queries: ann recall@10" in out and "tuned on" in out and "validation users: nprobe=" in out
+    record = json.loads((run / "index_tuning.json").read_text())["ivf-nlist=8-recall=0.9"]
+    assert record["queries"] == "validation users" and record["recall"] >= 0.9 and record["target"] == 0.9
+    assert f"nprobe={record['value']}," in record["spec"] and record["n_queries"] == 120
+    cache = run.parent.parent / "cache" / "index" / "r"
+    assert list(cache.glob("users-val-*.pt")) and list(cache.glob("users-test-*.pt"))
+    # a second evaluation reads the recorded choice (no tuning) and reports on test the same setting
+    import recsys.recipes.retrieval_index as ri
+    monkeypatch.setattr(ri, "tune_index", lambda *a, **k: pytest.fail("tuned again"))
+    from recsys.recipes.retrieval_index import evaluate_run_index
+    res = evaluate_run_index(run, "ivf,nlist=8,recall=0.9", "test", progress=False)
+    assert res.tuning["value"] == record["value"] and res.index.stage == "test"
+    assert 0.0 <= res.ann_recall <= 1.0 and res.summary()["queries"] == "test users"
+
+
+def test_online_cost_quotes_the_index_with_its_recall_on_user_queries(run):
+    from recsys.recipes.retrieval_index import online_request_index
+    _, tuned = online_request_index(run, "ivf,nlist=8,recall=0.9,k=10")
+    term = tuned["index_term"]
+    assert term["recall_queries"] == "validation users" and term["recall@10"] >= 0.9 and term["tuning"]
+    assert term["spec"] == tuned["spec"] and f"nprobe={term['tuning']['value']}," in term["spec"]
+    _, one = online_request_index(run, "ivf,nlist=8,nprobe=1,k=10")
+    _, all_lists = online_request_index(run, "ivf,nlist=8,nprobe=8,k=10")
+    assert all_lists["index_term"]["recall@10"] == 1.0  # every list probed: exact
+    assert one["index_term"]["madds"] < all_lists["index_term"]["madds"]
+    assert one["index_term"]["recall@10"] <= all_lists["index_term"]["recall@10"]
+
+
+def test_a_query_aware_index_of_a_run_through_the_cli(run, capsys):
+    assert main(["evaluate", str(run), "--stage", "val", "--index", "ivf,nlist=8,nprobe=8,probe=queries"]) == 0
+    out = capsys.readouterr().out
+    assert "(ivf,nlist=8,nprobe=8,probe=queries,k=100)" in out and "ann recall@10 1.0000" in out
+    cache = run.parent.parent / "cache" / "index" / "r"
+    assert (cache / "ivf-nlist=8-probe=queries" / "index.faiss").is_file()
+
+
+# --- cached indexes that cannot be used as they are (issue 25, item 7) --------------------------------------------
+
+
+def _corrupt(folder, how):
+    if how == "truncated":
+        data = (folder / "index.faiss").read_bytes()
+        (folder / "index.faiss").write_bytes(data[: len(data) // 2])
+    elif how == "metadata":
+        (folder / "meta.json").write_text('{"config": {"index": "ivf", ')
+    else:  # an index of another dimension, under this catalog's metadata
+        other = faiss.IndexFlatIP(7)
+        other.add(np.zeros((3, 7), dtype=np.float32))
+        faiss.write_index(other, str(folder / "index.faiss"))
+
+
+@pytest.mark.parametrize("how, says", [("truncated", "truncated or corrupt"), ("metadata", "corrupt metadata"),
+                                       ("dimension", "holds 3 × 7 vectors, its metadata says 150 × 32")])
+def test_a_broken_cached_index_is_rebuilt_saying_so(run, tmp_path, how, says, capsys):
+    import shutil
+    mine = tmp_path / "results" / "runs" / "r"
+    shutil.copytree(run, mine)
+    assert main(["evaluate", str(mine), "--index", "ivf,nlist=4,nprobe=4"]) == 0
+    folder = tmp_path / "results" / "cache" / "index" / "r" / "ivf-nlist=4"
+    _corrupt(folder, how)
+    capsys.readouterr()
+    assert main(["evaluate", str(mine), "--index", "ivf,nlist=4,nprobe=4"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and says in warning[0] and warning[0].endswith("rebuilding it")
+    assert "Traceback" not in captured.err and "recall@10 1.0000" in captured.out
+    assert faiss.read_index(str(folder / "index.faiss")).ntotal == 150  # rebuilt in place
+    assert main(["evaluate", str(mine), "--index", "ivf,nlist=4,nprobe=4"]) == 0
+    assert "warning" not in capsys.readouterr().err  # and used as it is from then on
+
+
+def test_queries_of_another_dimension_are_one_line():
+    from recsys.retrieval.index import build_index
+    index = build_index(clustered(500), parse_index_spec("ivf,nlist=8,nprobe=2,k=10"))
+    with pytest.raises(RecsysError) as e:
+        index.search(np.zeros((2, 16), dtype=np.float32), 10)
+    assert "queries of shape (2, 16) for an index over 32-d items" in str(e.value) and "\n" not in str(e.value)
