@@ -327,7 +327,7 @@ class RetrievalConfig:
         _check_range(self, "pq_nbits", 1, 16)
         _check_range(self, "refine", 0, None)
         _check_range(self, "recall", 0, 1)
-        if self.index in ("ivf", "ivfpq") and self.nprobe > self.nlist:
+        if self.index in ("ivf", "ivfpq") and self.nprobe > self.nlist and not self.recall:  # recall: tuned
             raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
         if self.index == "hnsw" and self.ef_search < self.k:
             raise ValueError(f"ef_search ({self.ef_search}) must be >= k ({self.k}): HNSW returns at most "

@@ -2,6 +2,7 @@
 tuned to a recall target on validation users (recorded with the run), an IVF whose probe vectors are fitted to
 user queries; and cached indexes that are truncated, corrupt or of another dimension (issue 25, item 7)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,37 @@ def test_queries_of_another_dimension_are_one_line():
     with pytest.raises(RecsysError) as e:
         index.search(np.zeros((2, 16), dtype=np.float32), 10)
     assert "queries of shape (2, 16) for an index over 32-d items" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- the sweep's index dimension at a recall target ------------------------------------------------------------------
+
+
+def test_a_sweep_tunes_each_trial_to_the_recall_target(tmp_path, tiny_model, capsys):
+    """retrieval.recall in a sweep: every trial's nprobe is tuned on its own validation users, recorded with the
+    trial and its run, and the index dimension (nlist) is compared at equal recall."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    from test_sweep import read_csv, write_sweep
+
+    base = ["retrieval.index=ivf", "retrieval.recall=0.9", "retrieval.k=20"]
+    bad = write_sweep(tmp_path, tiny_model, overrides=base, n_trials=1,
+                      params={"retrieval.nprobe": "{type: categorical, choices: [1, 8]}"})
+    assert main(["sweep", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "retrieval.nprobe with retrieval.recall=0.9" in err and "\n" not in err and "Traceback" not in err
+    cfg = write_sweep(tmp_path, tiny_model, objectives="[ndcg@10, flops]", n_trials=2, overrides=base,
+                      params={"retrieval.nlist": "{type: categorical, choices: [4, 8]}"})
+    assert main(["sweep", "--config", str(cfg)]) == 0
+    folder = tmp_path / "results" / "sweeps" / "test"
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
+    trials = optuna.load_study(study_name="test", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        index = t.user_attrs["index"]
+        tuned = index["tuned"]
+        assert tuned["param"] == "nprobe" and tuned["target"] == 0.9 and tuned["recall"] >= 0.9
+        assert f"nlist={t.params['retrieval.nlist']},nprobe={tuned['value']}," in index["spec"]
+        assert index["queries"] == "validation users" and index["ann_recall@10"] == pytest.approx(tuned["recall"])
+        record = json.loads((Path(t.user_attrs["run_dir"]) / "index_tuning.json").read_text())
+        assert record[f"ivf-nlist={t.params['retrieval.nlist']}-recall=0.9"]["value"] == tuned["value"]
+    assert read_csv(folder / "pareto.csv")

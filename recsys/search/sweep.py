@@ -8,7 +8,9 @@ retrieval, measured under the machine-wide lock so parallel workers do not distu
 test: after the search, the Pareto trials alone are evaluated on test, once. A base config whose `retrieval.index`
 is not exact scores both through that index — validation ranked from its candidates (the exact metrics and its
 recall against exact search kept beside), the request timed with its search — so index settings (e.g.
-`retrieval.nprobe`) are search dimensions like any other.
+`retrieval.nprobe`) are search dimensions like any other. With `retrieval.recall` (a recall@10 target) each trial's
+nprobe / efSearch is tuned on its own validation users (`recsys.retrieval.index_tuning`): the index dimension is
+then nlist / M / the index kind at equal recall, and the chosen value and its recall are kept with the trial.
 
 Storage: a journal file `results/sweeps/<study>/journal.log` by default (safe for local parallel workers), or any
 RDB URL (PostgreSQL for workers on several machines; heartbeats plus a retry callback re-run the trial of a dead
@@ -61,6 +63,19 @@ class Reporter(pl.Callback):
                 raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
 
 
+TUNED_BY_RECALL = ("retrieval.nprobe", "retrieval.ef_search")  # what retrieval.recall chooses per trial
+
+
+def check_index_dimension(cfg: SweepConfig, run_cfg) -> None:
+    """A recall target chooses nprobe / efSearch on each trial's validation users: searching over them too would
+    be a dimension the tuning overwrites (search nlist, M or the index kind instead)."""
+    searched = sorted(set(cfg.params) & set(TUNED_BY_RECALL))
+    if run_cfg.retrieval.recall and searched:
+        raise RecsysError(f"{cfg.study}: params {', '.join(searched)} with retrieval.recall="
+                          f"{run_cfg.retrieval.recall}: the recall target tunes them per trial; search "
+                          f"retrieval.nlist, retrieval.hnsw_m or retrieval.index instead, or drop the target")
+
+
 def run_trial(trial, cfg: SweepConfig) -> list[float]:
     """Train one trial's run (no test evaluation), measure its costs, return the objective values."""
 
@@ -69,6 +84,7 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
     run_cfg = load_config(cfg.base_config, [*cfg.overrides, *overrides, f"tracking.results_dir={cfg.folder}",
                                             f"tracking.run_name={name}", f"tracking.wandb_group={cfg.study}",
                                             "tracking.progress_bar=false"])
+    check_index_dimension(cfg, run_cfg)
     t0 = time.perf_counter()
     reporter = Reporter(trial, len(cfg.objectives) == 1)
     out = train(run_cfg, callbacks=[reporter], test=False)
@@ -78,7 +94,11 @@ def run_trial(trial, cfg: SweepConfig) -> list[float]:
         from recsys.recipes.retrieval_index import evaluate_run_index  # faiss: imported only when used
         through = evaluate_run_index(out["run_dir"], None, "val", progress=False)
         trial.set_user_attr("val_exact", out["val"])
-        trial.set_user_attr("index", {"spec": through.spec, **through.recall_vs_exact})
+        tuned = through.tuning  # retrieval.recall: nprobe / efSearch tuned on this trial's validation users
+        trial.set_user_attr("index", {"spec": through.spec, **through.recall_vs_exact,
+                                      "ann_recall@10": through.ann_recall, "queries": "validation users",
+                                      **({"tuned": {k: tuned[k] for k in ("param", "value", "recall", "target")}}
+                                         if tuned else {})})
         out["val"] = through.index.metrics
     trial.set_user_attr("val", out["val"])
     trial.set_user_attr("val_curve", reporter.curve)
@@ -190,6 +210,7 @@ def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, ov
     import datetime as dt
 
 
+    check_index_dimension(cfg, load_config(cfg.base_config, list(cfg.overrides)))  # before any trial starts
     t0, since = time.perf_counter(), dt.datetime.now()
     procs = []
     if workers > 1:
