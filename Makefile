@@ -26,9 +26,11 @@ demo: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/recsys train --config configs/synthetic.yaml tracking.overwrite=true
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python experiments/demo_tradeoff.py
 
-# everything, end-to-end benchmark tests (marked slow) included: what .ci/run runs
+# everything, end-to-end benchmark tests (marked slow) included: what .ci/run runs, with the local PostgreSQL
+# server the sweep tests use started the same way (.ci/postgres.sh; one line says so where it cannot start)
 test: setup
-	WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	RECSYS_TEST_POSTGRES=$$(.ci/postgres-or-skip.sh) WANDB_MODE=$${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 \
+		$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # day-to-day: the suite without the slow end-to-end benchmark tests
 test-fast: setup

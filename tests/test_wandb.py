@@ -36,10 +36,18 @@ def wandb_records(path: Path):
             rec.ParseFromString(pending)
             pending = b""
             yield rec
+    assert pending == b"", f"{path}: ends inside a record (read before W&B closed it?)"
 
 
 def offline_run(folder: Path) -> tuple[dict, dict]:
-    """(summary, run facts: project, group, job type) of the one offline W&B run under `folder`."""
+    """(summary, run facts: project, group, job type) of the one offline W&B run under `folder`.
+
+    W&B's service process writes the file and closes it after `run.finish()` has returned (finish only informs
+    it), so the file is read once `wandb.teardown()` has waited for that process to exit: every run flushed and
+    closed, whatever the machine's load."""
+    import wandb
+
+    wandb.teardown()
     (path,) = folder.rglob("run-*.wandb")
     summary, run = {}, {}
     for rec in wandb_records(path):
