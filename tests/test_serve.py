@@ -371,3 +371,59 @@ def test_sigterm_drains_requests_in_flight(runs):
         assert "draining 3 request(s) in flight" in s.output() and "drained; stopping" in s.output()
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_end_to_end(runs, tmp_path):
+    """experiments/serve_load.py at toy size: three servers, two rates, every answer scored, the JSON its schema."""
+    from recsys.tracking.schemas import problems
+    a, b = (str(r) for r in runs)
+    out = tmp_path / "serve_load.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "experiments/serve_load.py", "--dense", a, "--runs", b,
+                           f"{a}:data.user_max_tokens=8", "--smoke", "--rates", "0.5,2", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert problems("serve_load.json", data) == []
+    assert set(data["servers"]) == {"dense", "fast", "switching"} and len(data["rows"]) == 6
+    names = {c["name"] for c in data["candidates"]}
+    assert data["dense"] == "a" and data["fast"] in names and set(data["front"]) <= names
+    for row in data["rows"]:
+        assert row["requests"] > 0 and 0 <= row["over_slo_share"] <= 1
+        assert 0 <= row["effective_ndcg@10"] <= (row["ndcg@10_answered"] or 0) <= 1
+        assert set(row["model_share"]) <= names
+        assert not row["answered"] or abs(sum(row["model_share"].values()) - 1) < 1e-9
+    assert set(data["bar"]) == {"bar"} and data["hardware"]["cpu"]
+
+
+def _serve_load_fixture() -> dict:
+    def row(server, x, p99, over, eff, share):
+        return {"server": server, "rate_x": x, "offered_per_s": 30.0 * x, "achieved_per_s": 29.0 * x, "p50_ms": p99 / 2,
+                "p95_ms": 0.8 * p99, "p99_ms": p99, "over_slo_share": over, "effective_ndcg@10": eff,
+                "ndcg@10_answered": 0.075, "model_share": share, "requests": 100}
+    rows = [row("dense", x, 40 * x * x, min(1.0, 0.3 * x), 0.075 * (1 - min(1.0, 0.3 * x)), {"dense": 1.0})
+            for x in (0.5, 1, 2)]
+    rows += [row("switching", x, 50.0, 0.01, 0.073, {"dense": 1 - x / 3, "fast": x / 3}) for x in (0.5, 1, 2)]
+    servers = {s: {"rates": [r for r in rows if r["server"] == s], "switches": []} for s in ("dense", "switching")}
+    return {"slo_ms": 60.0, "capacity_per_s": 30.0, "unloaded": {"p50_ms": 25.0, "p99_ms": 30.0, "ndcg@10": 0.075},
+            "dense": "dense", "fast": "fast", "front": ["dense", "fast"], "servers": servers, "rows": rows,
+            "bar": {"bar": {"met": True}}, "hardware": {"cpu": "fixture", "logical_cpus": 2}}
+
+
+def test_serve_load_notebook_draws_its_figure(tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    from recsys.tracking.schemas import problems
+    data = _serve_load_fixture()
+    assert problems("serve_load.json", data) == []
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "serve_load.json").write_text(json.dumps(data))
+    nb = nbformat.read(REPO / "notebooks" / "serve_load.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute(
+        env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
+    png = tmp_path / "figures" / "serve_load.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "text/html" in o.get("data", {})]
+    assert html and "switching" in html[0] and "dense" in html[0]

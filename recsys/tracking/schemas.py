@@ -28,6 +28,11 @@ SCHEMAS: dict[str, tuple[list[str], tuple[str, list[str]] | None]] = {
     **{f"{d}_user_towers.json": (["rows", "dataset", "aim"],
                                  ("rows", ["name", "ndcg@10", "recall@10", "n_seeds", "train_minutes",
                                            "measured_ms_median"])) for d in ("ml100k", "ml1m")},
+    # issue 28: recsys serve under open-loop load (experiments/serve_load.py)
+    "serve_load.json": (["slo_ms", "capacity_per_s", "unloaded", "dense", "fast", "front", "servers", "bar",
+                         "hardware"],
+                        ("rows", ["server", "rate_x", "offered_per_s", "achieved_per_s", "p50_ms", "p95_ms", "p99_ms",
+                                  "over_slo_share", "effective_ndcg@10", "model_share"])),
 }
 
 
