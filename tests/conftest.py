@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets"
+# Hang guards, never speed checks (issue 25 A3): pytest-timeout (setup.cfg) and every wait on a child process that
+# trains stop a test only when it has plainly hung. Sized for a machine 5x slower than a quiet CI runner, where the
+# slowest test (an end-to-end benchmark) takes a few minutes; a child that only checks its input gets QUICK_S.
+HANG_S = 3600
+QUICK_S = 600
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import HANG_S
 
 from recsys.data.dataset import build_dataset
 from recsys.data.split import leave_last_out
@@ -94,7 +95,7 @@ def test_baselines_scale_benchmark_reports_grid_time_and_memory(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "scale.json"
     done = subprocess.run([sys.executable, "experiments/baselines_scale.py", "--users", "600", "--items", "400",
-                           "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300,
+                           "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-2000:]
     res = json.loads(out.read_text())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_args
+from conftest import HANG_S, tiny_run_args
 
 from recsys.cli import main
 
@@ -26,7 +26,7 @@ def test_compression_benchmark_end_to_end(tmp_path, tiny_model):
            "--dense", str(tmp_path / "results" / "runs" / "dense-seed{seed}"), "--out", str(out), *args,
            "compress.ffn_group=8"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     names = [r["name"] for r in res["rows"]]
@@ -44,5 +44,5 @@ def test_compression_benchmark_end_to_end(tmp_path, tiny_model):
     runs = tmp_path / "results" / "runs"
     assert (runs / "stacked-onnxruntime-seed0" / "metrics.json").is_file()
     # resumable: a second call reuses every finished run (no "== training" line)
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert again.returncode == 0 and "== training" not in again.stdout

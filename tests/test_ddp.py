@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_S
 
 
 def _free_port() -> int:
@@ -20,7 +21,7 @@ def test_ddp_two_processes_write_one_complete_run(small_synthetic_args, tmp_path
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "recsys.cli", "train", *small_synthetic_args, "train.strategy=ddp",
            "train.devices=2", "train.accelerator=cpu", "train.epochs=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = tmp_path / "results" / "runs"
     assert [p.name for p in runs.iterdir()] == ["t"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tiny_run_args
+from conftest import HANG_S, tiny_run_args
 
 from recsys.cli import main
 
@@ -20,7 +20,7 @@ def test_demo_ends_with_the_tradeoff_table(tmp_path, tiny_model):
     assert main(["train", "--config", "configs/synthetic.yaml", *args]) == 0
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "experiments/demo_tradeoff.py", "--out", str(out), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+                          capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "tradeoff.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["dense fp32", "pruned 50% fp32", "dense int8 (PTQ)", "pruned 50% int8"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(worker: str, out: Path, model: str, world: int = 2, timeout: int = 300) -> None:
+def _launch(worker: str, out: Path, model: str, world: int = 2, timeout: int = HANG_S) -> None:
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
@@ -279,7 +280,7 @@ def test_deepspeed_zero2_on_cpu_matches_ddp_and_its_checkpoint_loads_plain(tiny_
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # its CPU comm op, built once
     out = tmp_path / "deepspeed.json"
-    _launch("deepspeed", out, tiny_model, timeout=600)
+    _launch("deepspeed", out, tiny_model, timeout=HANG_S)
     r = json.loads(out.read_text())
     ddp, zero2 = r["losses"]["ddp"], r["losses"]["zero2"]
     assert len(ddp) == DS_STEPS and max(abs(a - b) for a, b in zip(ddp, zero2, strict=True)) < DS_LOSS_TOL, r
@@ -304,7 +305,7 @@ def _cli(args: list[str], hide: str | None = None) -> subprocess.CompletedProces
         code += f"sys.modules[{hide!r}] = None  # as if not installed\n"
     code += "from recsys.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.mark.parametrize("extra, hide, message", [

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 
 from recsys.tracking.schemas import SCHEMAS, problems
 
@@ -61,7 +62,7 @@ def test_notebook_draws_its_figure_from_results(tmp_path, notebook, data_file, d
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / data_file).write_text(json.dumps(data))
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+    nbclient.NotebookClient(nb, timeout=HANG_S, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
         env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
     png = tmp_path / "figures" / figure
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -74,7 +75,7 @@ def test_notebook_draws_its_figure_from_results(tmp_path, notebook, data_file, d
 def test_notebook_without_its_input_fails(tmp_path):
     nb = nbformat.read(NOTEBOOKS / "pareto_fronts.ipynb", as_version=4)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="ml100k_pareto.json"):
-        nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+        nbclient.NotebookClient(nb, timeout=HANG_S, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
             env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
 
 
@@ -86,7 +87,7 @@ def test_notebook_refuses_a_file_that_breaks_its_schema(tmp_path):
     (tmp_path / "benchmarks" / "ml100k_pareto.json").write_text(json.dumps(bad))
     nb = nbformat.read(NOTEBOOKS / "pareto_fronts.ipynb", as_version=4)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match=r"pareto\[0\] has no key 'test'"):
-        nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
+        nbclient.NotebookClient(nb, timeout=HANG_S, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(
             env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
 
 

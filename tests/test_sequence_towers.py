@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_args, train_run
+from conftest import HANG_S, tiny_run_args, train_run
 
 from recsys.cli import main
 from recsys.config import ModelConfig, SASRecConfig
@@ -318,7 +318,7 @@ def test_user_towers_notebook_draws_the_front(tmp_path):
     (tmp_path / "benchmarks" / "ml100k_user_towers.json").write_text(json.dumps(data))
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
     nb = nbformat.read(notebooks / "user_towers.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(notebooks)}}).execute(
+    nbclient.NotebookClient(nb, timeout=HANG_S, resources={"metadata": {"path": str(notebooks)}}).execute(
         env={**__import__("os").environ, "RECSYS_RESULTS": str(tmp_path)})
     png = tmp_path / "figures" / "user_towers.png"
     assert png.is_file() and png.stat().st_size > 10_000
@@ -336,12 +336,12 @@ def test_user_towers_benchmark_smoke_resumes(tmp_path, tiny_model):
     cmd = [sys.executable, "experiments/user_towers.py", "--smoke", "--dataset", "synthetic", "--encoder",
            tiny_model, "--results", str(tmp_path), "--seeds", "0,1", "--rounds", "2"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+    first = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert first.returncode == 0, first.stderr[-2000:]
     out = json.loads((tmp_path / "benchmarks" / "synthetic_user_towers.json").read_text())
     names = {r["name"] for r in out["rows"]}
     assert names == {"ease", "sasrec", "sequence_tower", "text_two_tower"}
     assert all(r["measured_ms_median"] > 0 and r["n_seeds"] >= 1 for r in out["rows"])
     assert out["bar"]["speedup_vs_text"] > 0 and "git" in out
-    again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert again.returncode == 0 and "== training" not in again.stdout and "== sasrec" not in again.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_run_args
+from conftest import HANG_S, tiny_run_args
 
 from recsys.cli import main
 
@@ -38,7 +38,7 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     pareto = subprocess.run([sys.executable, "experiments/ml100k_pareto.py", "--config", str(cfg), "--tune-tokens",
                              "16,32", "--tune-history", "2,3", "--out", str(tmp_path / "pareto.json"), "--figure",
-                             str(tmp_path / "front.png")], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                             str(tmp_path / "front.png")], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
                             env=env)
     assert pareto.returncode == 0, pareto.stderr[-3000:]
     res = json.loads((tmp_path / "pareto.json").read_text())
@@ -58,18 +58,18 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
             import shutil
             shutil.rmtree(tmp_path / "results" / "sweeps")
         done = subprocess.run([sys.executable, "experiments/study_state.py", action, "--config", str(cfg), "--state",
-                               str(state)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+                               str(state)], cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     assert not list((tmp_path / "results" / "sweeps").rglob("*.ckpt"))
     again = subprocess.run([sys.executable, "experiments/ml100k_pareto.py", "--config", str(cfg), "--out",
                             str(tmp_path / "again.json"), "--figure", str(tmp_path / "again.png")], cwd=REPO,
-                           capture_output=True, text=True, timeout=1200, env=env)
+                           capture_output=True, text=True, timeout=HANG_S, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((tmp_path / "again.json").read_text())
     assert resumed["hypervolume"] == res["hypervolume"] and resumed["pareto"] == res["pareto"]
     structure = subprocess.run([sys.executable, "experiments/ml100k_structure.py", "--config", str(cfg), "--seeds",
                                 "0", "--share", "0", "--out", str(tmp_path / "structure.json")], cwd=REPO,
-                               capture_output=True, text=True, timeout=1200, env=env)
+                               capture_output=True, text=True, timeout=HANG_S, env=env)
     assert structure.returncode == 0, structure.stderr[-3000:]
     out = json.loads((tmp_path / "structure.json").read_text())
     assert {"ndcg@10", "measured_ms_median"} <= set(out["dense"])
@@ -80,7 +80,7 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
     # a share no trial reaches: nothing is retrained; the JSON says so, with the closest trials of both studies
     none = subprocess.run([sys.executable, "experiments/ml100k_structure.py", "--config", str(cfg), "--share", "100",
                            "--out", str(tmp_path / "missed.json")], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=HANG_S, env=env)
     assert none.returncode == 0, none.stderr[-3000:]
     miss = json.loads((tmp_path / "missed.json").read_text())
     assert miss["best"] is None and miss["runs"] == [] and "reaches 10000%" in miss["missed"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S, QUICK_S
 
 from recsys.cli import main
 
@@ -113,7 +114,7 @@ def _env() -> dict:
     return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
-def _wait_for_running_trial(storage: Path | str, study: str, timeout: float = 120) -> None:
+def _wait_for_running_trial(storage: Path | str, study: str, timeout: float = QUICK_S) -> None:
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -151,7 +152,7 @@ def test_worker_killed_mid_trial_then_resumed(tmp_path, tiny_model, backend, req
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(extra.get("grace_period", 0) + 1)  # the heartbeat goes stale
-    done = subprocess.run(_sweep_cmd(cfg), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_sweep_cmd(cfg), env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     trials = read_csv(folder / "trials.csv")
     complete = [t for t in trials if t["state"] == "COMPLETE"]
@@ -169,7 +170,7 @@ def test_worker_killed_mid_trial_then_resumed(tmp_path, tiny_model, backend, req
 def test_two_local_workers_record_exactly_n_trials(tmp_path, tiny_model):
     cfg = write_sweep(tmp_path, tiny_model, n_trials=4, overrides=["train.epochs=4"])  # trials outlast a start-up
     done = subprocess.run(_sweep_cmd(cfg, "--workers", "2"), env=_env(), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     trials = read_csv(tmp_path / "results" / "sweeps" / "test" / "trials.csv")
     assert [t["state"] for t in trials] == ["COMPLETE"] * 4
@@ -192,7 +193,7 @@ def test_two_workers_on_postgres_record_exactly_n_trials(tmp_path, tiny_model, p
     study = f"pg-{os.getpid()}-{int(time.time())}"
     cfg = write_sweep(tmp_path, tiny_model, n_trials=3, storage=postgres_url, study=study)
     done = subprocess.run(_sweep_cmd(cfg, "--workers", "2"), env=_env(), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     s = optuna.load_study(study_name=study, storage=postgres_url)
     states = [t.state.name for t in s.get_trials()]
@@ -379,7 +380,7 @@ def test_ctrl_c_marks_the_trial_interrupted_and_says_how_to_resume(tmp_path, tin
     _wait_for_running_trial(folder / "journal.log", "test")
     time.sleep(3.0)  # inside the trial (data, model or training)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

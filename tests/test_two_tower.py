@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import HANG_S
 
 from recsys.cli import main
 from recsys.config import load_config
@@ -126,7 +127,7 @@ def test_offline_training_after_a_wandb_summary_in_the_same_process(small_synthe
         "TrackingConfig())\n"
         f"train(load_config(None, json.loads({json.dumps(json.dumps(small_synthetic_args))}) + "
         "['train.epochs=1', 'tracking.wandb=offline']))\n")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=HANG_S,
                          cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert list((tmp_path / "results" / "runs" / "t" / "wandb").glob("offline-run-*"))
