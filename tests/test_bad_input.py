@@ -440,6 +440,25 @@ def test_train_with_model_dir_without_model(capsys, small_synthetic_args, tmp_pa
     assert files_under(tmp_path / "results") == []
 
 
+def cut_model(tiny_model: str, dest: Path, where: str) -> Path:
+    """A copy of the tiny model whose model.safetensors is cut short: in its header, or in its tensors' bytes."""
+    shutil.copytree(tiny_model, dest)
+    weights = dest / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:20] if where == "header" else data[: len(data) * 2 // 3])
+    return weights
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_a_truncated_safetensors_file_is_one_line_naming_it(capsys, small_synthetic_args, tmp_path, tiny_model,
+                                                           where):
+    weights = cut_model(tiny_model, tmp_path / "cut_model", where)
+    line = fails(capsys, "train", *small_synthetic_args, f"model.encoder={weights.parent}")
+    assert_contains(line, str(weights), "truncated or corrupt")
+    assert files_under(tmp_path / "results") == []
+    assert_contains(fails(capsys, "profile", "--encoder", weights.parent), str(weights), "truncated or corrupt")
+
+
 def test_profile_goes_through_the_same_model_check(capsys, distilbert_dir, tmp_path):
     line = fails(capsys, "profile", "--encoder", distilbert_dir)
     assert_contains(line, distilbert_dir, "unsupported architecture 'distilbert'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,24 @@ HF_EMBEDDING_NAMES = {
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_weight_files(folder: str | Path, names: tuple[str, ...] = ()) -> None:
+    """Every safetensors file in `folder` (or the ones named) has a whole header and a body as long as it says: a
+    file cut short (a copy or download interrupted, a full disk) is one line naming it, before anything reads it.
+    Only the header is read (safetensors maps the file; its offsets are checked against the file's size)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = [folder / n for n in names] if names else sorted(folder.glob("*.safetensors"))
+    for f in files:
+        if not f.is_file():
+            raise RecsysError(f"{f}: weights file not found")
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise RecsysError(f"{f}: weights file truncated or corrupt ({_one_line(e)})") from None
 
 
 def resolve_model_path(name: str) -> str:
@@ -239,10 +258,17 @@ class BertEncoder(nn.Module):
             ours, theirs = getattr(shape, key), getattr(dense, key)
             if ours != theirs:
                 raise RecsysError(f"{name_or_path}: shape.{key} is {ours} but the checkpoint has {theirs}")
+        if os.path.isdir(path):
+            check_weight_files(path)
         try:
             hf = AutoModel.from_pretrained(path, config=cfg, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise RecsysError(f"{name_or_path}: cannot load model weights ({_one_line(e)})") from None
+        except RuntimeError as e:  # pytorch_model.bin cut short: torch's zip reader
+            weights = next((f for f in ("pytorch_model.bin", "model.bin") if os.path.isfile(os.path.join(path, f))),
+                           "the weights file")
+            raise RecsysError(f"{os.path.join(path, weights)}: weights file truncated or corrupt "
+                              f"({_one_line(e)})") from None
         model = cls(
             shape,
             layer_norm_eps=cfg.layer_norm_eps,

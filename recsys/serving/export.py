@@ -24,7 +24,7 @@ import torch
 
 from recsys.efficiency.shape import Shape
 from recsys.errors import RecsysError
-from recsys.models.encoder import HF_EMBEDDING_NAMES, HF_LAYER_NAMES, BertEncoder
+from recsys.models.encoder import HF_EMBEDDING_NAMES, HF_LAYER_NAMES, BertEncoder, check_weight_files
 from recsys.models.tower import Tower
 
 FORMATS = ("hf", "torch-export", "onnx")
@@ -174,11 +174,13 @@ def load_tower(path: str | Path) -> Tower:
     if meta["encoder_format"] == "hf":
         enc = BertEncoder.from_pretrained(str(p))
     else:
+        check_weight_files(p, ("encoder.safetensors",))
         shape = Shape.from_dict(meta["shape"])
         enc = BertEncoder(shape, **meta["encoder_config"])
         enc.load_state_dict(load_file(str(p / "encoder.safetensors")))
     tower = Tower(enc, enc.shape.hidden, meta["dim"] if meta["projection"] else None)
     if tower.projection is not None:
+        check_weight_files(p, ("projection.safetensors",))
         tower.projection.load_state_dict(load_file(str(p / "projection.safetensors")))
     return tower.eval()
 
