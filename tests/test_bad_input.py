@@ -459,6 +459,29 @@ def test_a_truncated_safetensors_file_is_one_line_naming_it(capsys, small_synthe
     assert_contains(fails(capsys, "profile", "--encoder", weights.parent), str(weights), "truncated or corrupt")
 
 
+def model_with_vocab(tiny_model: str, dest: Path, vocab: list[str] | None) -> Path:
+    """A copy of the tiny model without its tokenizer files, and with `vocab` as its vocab.txt (None: none)."""
+    shutil.copytree(tiny_model, dest)
+    for name in ("vocab.txt", "tokenizer.json"):
+        (dest / name).unlink(missing_ok=True)
+    if vocab is not None:
+        (dest / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return dest
+
+
+@pytest.mark.parametrize("vocab, needles", [
+    (None, ["5-token vocabulary", "vocab.txt or tokenizer.json"]),
+    (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"zq{i}" for i in range(300))],
+     ["encodes a plain English sentence to [UNK] only"]),
+], ids=["no-vocab", "all-unknown"])
+def test_a_tokenizer_that_knows_no_words_is_refused(capsys, small_synthetic_args, tmp_path, tiny_model, vocab,
+                                                    needles):
+    folder = model_with_vocab(tiny_model, tmp_path / "no_words", vocab)
+    line = fails(capsys, "train", *small_synthetic_args, f"model.encoder={folder}")
+    assert_contains(line, str(folder), *needles)
+    assert files_under(tmp_path / "results") == []
+
+
 def test_profile_goes_through_the_same_model_check(capsys, distilbert_dir, tmp_path):
     line = fails(capsys, "profile", "--encoder", distilbert_dir)
     assert_contains(line, distilbert_dir, "unsupported architecture 'distilbert'")

@@ -333,6 +333,26 @@ def load_tokenizer(name_or_path: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(path, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as e:
         raise RecsysError(f"{name_or_path}: cannot load tokenizer ({_one_line(e)})") from None
+    check_tokenizer(tok, name_or_path)
+    return tok
+
+
+MIN_VOCAB = 100  # fewer tokens than this is no text tokenizer (a folder without vocab.txt loads with 5)
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog: a movie about love, war and 1995."
+
+
+def check_tokenizer(tok, where: str) -> None:
+    """Refuse a tokenizer that would turn every text into [UNK] (training would run, silently, on nothing): a
+    vocabulary of fewer than MIN_VOCAB tokens, or a plain English sentence encoded to unknown tokens only."""
+    n = len(tok)
+    hint = "a model folder needs vocab.txt or tokenizer.json"
+    if n < MIN_VOCAB:
+        raise RecsysError(f"{where}: the tokenizer has a {n}-token vocabulary (every word would be "
+                          f"{tok.unk_token or 'unknown'}); {hint}")
+    ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and ids and all(i == tok.unk_token_id for i in ids):
+        raise RecsysError(f"{where}: the tokenizer encodes a plain English sentence to {tok.unk_token} only "
+                          f"({len(ids)} tokens); {hint}")
