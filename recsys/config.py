@@ -199,6 +199,8 @@ class TrackingConfig:
 
     def __post_init__(self):
         _check_literals(self)
+        if self.run_name is not None:
+            check_folder_name(self.run_name, "run_name")
 
 
 @dataclass
@@ -501,6 +503,26 @@ def _check_positive(obj, *names):
         v = getattr(obj, n)
         if v is not None and v <= 0:
             raise ValueError(f"{n} must be > 0, got {v}")
+
+
+MAX_NAME_BYTES = 120  # a run or study name is a folder name (255 bytes at most) with room for .partial / .lock
+
+
+def check_folder_name(name: str, what: str) -> None:
+    """A run or study name becomes one folder: a short, single path component a filesystem accepts."""
+    if not name.strip():
+        raise ValueError(f"{what} must not be empty")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{what} is {size} bytes long ({short_repr(name, 40)}); at most {MAX_NAME_BYTES} (it "
+                         f"names a folder)")
+    bad = sorted({c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"{what} {short_repr(name, 40)} contains {', '.join(repr(c) for c in bad)}; it names one "
+                         f"folder (letters, digits, - _ . and the like)")
+    if name.startswith(".") or name.startswith("-"):
+        raise ValueError(f"{what} {short_repr(name, 40)} must not start with '{name[0]}' (a hidden folder or an "
+                         f"option)")
 
 
 def _check_range(obj, name, lo, hi):

@@ -206,6 +206,10 @@ def test_a_value_of_the_wrong_type_is_shown_short(capsys, results):
     ("train=", ["override 'train='", "'train' is a section", "train.<key>=value"]),
     ("train=0", ["override 'train=0'", "'train' is a section"]),
     ("train=false", ["override 'train=false'", "'train' is a section"]),
+    (f"tracking.run_name={'r' * 300}", ["tracking.run_name is 300 bytes long", "at most 120"]),
+    ("tracking.run_name=a/b", ["tracking.run_name 'a/b' contains '/'", "one folder"]),
+    ("tracking.run_name=..", ["tracking.run_name '..' must not start with '.'"]),
+    ("tracking.run_name=' '", ["tracking.run_name must not be empty"]),
 ])
 def test_bad_override(capsys, results, override, needles):
     line = fails(capsys, "train", f"tracking.results_dir={results}", override)

@@ -213,6 +213,8 @@ def test_two_workers_on_postgres_record_exactly_n_trials(tmp_path, tiny_model, p
                                                                   "cannot connect"]),
     ({"n_trials": 0}, ["n_trials must be > 0"]),
     ({"max_reference_drift": 1.0}, ["max_reference_drift must be > 1"]),
+    ({"study": "x" * 300}, ["study is 300 bytes long", "at most 120"]),
+    ({"study": "'../elsewhere'"}, ["study '../elsewhere' contains '/'"]),
 ])
 def test_bad_sweep_config_is_one_line_and_writes_nothing(tmp_path, tiny_model, capsys, change, needles):
     cfg = write_sweep(tmp_path, tiny_model, **change)

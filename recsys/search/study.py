@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import _check_choice, _check_positive, _merge, from_dict, load_config, parse_overrides, read_yaml
+from recsys.config import (
+    _check_choice,
+    _check_positive,
+    _merge,
+    check_folder_name,
+    from_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
 from recsys.errors import RecsysError
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
@@ -100,6 +109,7 @@ class SweepConfig:
     max_reference_drift: float = 2.0
 
     def __post_init__(self):
+        check_folder_name(self.study, "study")
         _check_choice(self, "sampler", SAMPLERS)
         _check_positive(self, "n_trials", "heartbeat_interval", "grace_period")
         if not self.max_reference_drift > 1:
