@@ -43,6 +43,7 @@ def _config(args) -> "RunConfig":  # noqa: F821
 
 def cmd_data(args) -> None:
     from recsys.data import registry
+    from recsys.data.split import leave_last_out
     if args.action == "list":
         for name, spec in registry.DATASETS.items():
             print(f"{name:24s} {spec.summary}")
@@ -55,6 +56,11 @@ def cmd_data(args) -> None:
         return
     ds = registry.load_dataset(args.name, path=args.path, data_dir=args.data_dir, seed=args.seed)
     stats = ds.stats()
+    split = leave_last_out(ds)
+    masked = registry.masked_targets(split)
+    stats.update({"evaluated_users": len(split.eval_users), "masked_targets_val": masked["val"],
+                  "masked_targets_test": masked["test"]})
+    registry.warn_masked_targets(split, args.name, masked)
     width = max(map(len, stats))
     for k, v in stats.items():
         print(f"{k:{width}s}  {v:.6f}" if isinstance(v, float) else f"{k:{width}s}  {v}")

@@ -748,6 +748,31 @@ def test_interactions_with_items_without_text_are_counted_aloud(capsys, tmp_path
                         "(3 items with text kept)"]
 
 
+def test_targets_masked_by_their_own_history_are_counted_aloud(capsys, tmp_path):
+    """Duplicated (user, item, timestamp) rows make each test target its user's validation item, which test
+    evaluation masks: `data stats` gives the share, and every command that evaluates warns in one line first."""
+    rows = "".join(f"u{u},i{1 + u % 3},10\nu{u},i{1 + (u + 1) % 3},20\nu{u},i{1 + (u + 2) % 3},30\n" * 2
+                   for u in range(6))
+    folder = custom(tmp_path / "dup", "user_id,item_id,timestamp\n" + rows)
+    assert main(["data", "stats", "custom", "--path", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    stats = dict(line.split(None, 1) for line in out.splitlines())
+    assert float(stats["masked_targets_test"]) == 1.0 and float(stats["masked_targets_val"]) == 0.0  # c,c at the end
+    assert stats["evaluated_users"].strip() == "6"
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert_contains(warning, "dataset 'custom'", "own history", "test 100% (6 of 6)")
+    rc = main(["baselines", "--dataset", "custom", "--path", str(folder), "--models", "popularity",
+               f"tracking.results_dir={tmp_path / 'results'}"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and len([ln for ln in err.splitlines() if "own history" in ln]) == 1
+    clean = custom(tmp_path / "clean", "user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{1 + u % 3},10\nu{u},i{1 + (u + 1) % 3},20\nu{u},i{1 + (u + 2) % 3},30\n" for u in range(6)))
+    assert main(["data", "stats", "custom", "--path", str(clean)]) == 0
+    out, err = capsys.readouterr()
+    assert float(dict(line.split(None, 1) for line in out.splitlines())["masked_targets_test"]) == 0.0
+    assert "own history" not in err
+
+
 def test_commands_start_without_third_party_noise(tmp_path, small_synthetic_args):
     """A training run prints none of torchao's, torch's or Lightning's known noise unless --verbose."""
     noise = ("Failed to load", "register_constant", "litlogger", "LeafSpec", "GPU available")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsys.config import DataConfig
 from recsys.data.dataset import RecDataset
 from recsys.data.split import Split, leave_last_out
@@ -163,7 +165,37 @@ def load_data(cfg: DataConfig) -> tuple[RecDataset, Split]:
     split = leave_last_out(ds)
     if len(split.eval_users) == 0:
         raise RecsysError(f"dataset '{cfg.name}': no user has the 3 interactions needed for evaluation")
+    warn_masked_targets(split, cfg.name)
     return ds, split
+
+
+MASKED_WARNING = 0.05  # a share of evaluated users above this, whose target their own history masks, is said aloud
+
+
+def masked_targets(split: Split) -> dict[str, float]:
+    """Per stage, the share of evaluated users whose held-out target is an item of their own history. Evaluation
+    masks history items, so such a target can never be ranked: a user like that scores 0 in every model (e.g.
+    duplicated (user, item, timestamp) rows make every test target equal its validation item)."""
+    users = split.eval_users
+    out = {}
+    for stage in ("val", "test"):
+        seen = split.matrix(stage)  # [n_users, n_items] what the user's history holds at this stage
+        hit = np.asarray(seen[users, split.target(stage)[users]]).ravel() > 0
+        out[stage] = float(hit.mean()) if len(users) else 0.0
+    return out
+
+
+def warn_masked_targets(split: Split, name: str, shares: dict[str, float] | None = None) -> None:
+    """One warning line when a stage's masked-target share (see masked_targets) is above MASKED_WARNING."""
+    shares = masked_targets(split) if shares is None else shares
+    high = {s: v for s, v in shares.items() if v > MASKED_WARNING}
+    if high:
+        n = len(split.eval_users)
+        said = ", ".join(f"{'validation' if s == 'val' else 'test'} {v:.0%} ({round(v * n)} of {n})"
+                         for s, v in high.items())
+        print(f"warning: dataset '{name}': the held-out target of evaluated users is an item of their own history, "
+              f"which evaluation masks (it can never be ranked: those users score 0): {said}; duplicated "
+              f"(user, item, timestamp) rows?", file=sys.stderr)
 
 
 def dataset_slug(cfg: DataConfig) -> str:
