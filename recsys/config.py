@@ -75,9 +75,12 @@ class DataConfig:
     user_max_tokens: int = 128  # user-text length at evaluation
     train_user_max_tokens: int | None = None  # user-text length while training (None = user_max_tokens)
     item_max_tokens: int = 64  # item-text length (training and evaluation)
+    label: str | None = None  # names this dataset's result folders (default: its name; custom: custom-<folder>)
 
     def __post_init__(self):
         _check_positive(self, "history_items", "item_max_tokens", "synthetic_users", "synthetic_items")
+        if self.label is not None:
+            check_folder_name(self.label, "label")
         # a token budget is structure (searched like heads and FFN width); below 8 tokens a title does not fit
         # (the encoder's own maximum is checked when the tower is built)
         _check_range(self, "user_max_tokens", MIN_TOKENS, None)

@@ -1,4 +1,7 @@
 """Baselines: closed forms checked against direct computation, tuning on validation, fold-in at test."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -107,3 +110,34 @@ def test_baselines_scale_benchmark_reports_grid_time_and_memory(tmp_path):
     assert res["ease"]["grid_estimate_seconds"] == pytest.approx(
         res["ease"]["grid_size"] * (run["fit_seconds"] + run["val_scoring_seconds"]))
     assert res["peak_rss_gb"] > 0 and res["hardware"]["cpu_flags"] is not None
+
+
+def _custom(folder: Path, n_users: int = 8) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "items.csv").write_text("item_id,text\n" + "".join(f"i{i},item number {i}\n" for i in range(6)))
+    (folder / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{(u + k) % 6},{k}\n" for u in range(n_users) for k in range(4)))
+    return folder
+
+
+def test_custom_datasets_write_results_under_their_own_names(tmp_path, capsys):
+    """`recsys baselines --dataset custom --path A`, then `--path B`: two folders (custom-A, custom-B), neither
+    replacing the other; data.label names the folder instead; a run prints only the baselines of its own data."""
+    from recsys.cli import main
+    from recsys.config import load_config
+    from recsys.recipes.evaluate import baseline_rows
+
+    results = tmp_path / "results"
+    a, b = _custom(tmp_path / "A"), _custom(tmp_path / "B", n_users=6)
+    for folder, extra in ((a, []), (b, []), (a, ["data.label=mine"])):
+        assert main(["baselines", "--dataset", "custom", "--path", str(folder), "--models", "popularity",
+                     f"tracking.results_dir={results}", "tracking.progress_bar=false", *extra]) == 0
+    assert sorted(p.name for p in (results / "baselines").iterdir()) == ["custom-A", "custom-B", "mine"]
+    users = {p.name: json.loads((p / "baselines.json").read_text())["users_evaluated"]
+             for p in (results / "baselines").iterdir()}
+    assert users == {"custom-A": 8, "custom-B": 6, "mine": 8}
+    cfg = load_config(None, ["data.name=custom", f"data.path={b}", f"tracking.results_dir={results}"])
+    assert [r["model"] for r in baseline_rows(cfg)] == ["popularity"]
+    other = load_config(None, ["data.name=custom", f"data.path={b}", "data.label=mine",
+                               f"tracking.results_dir={results}"])
+    assert baseline_rows(other) == []  # "mine" holds A's baselines: not printed beside a run on B

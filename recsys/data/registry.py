@@ -199,5 +199,26 @@ def warn_masked_targets(split: Split, name: str, shares: dict[str, float] | None
 
 
 def dataset_slug(cfg: DataConfig) -> str:
-    """The dataset's name as a folder name (results/baselines/<slug>/, run names)."""
+    """The dataset as a folder name (results/baselines/<slug>/, run names): `data.label` if set; a `custom`
+    dataset by its folder's name (`custom-<folder>`: two custom datasets never share results); else its name."""
+    if cfg.label:
+        return cfg.label
+    if cfg.name == "custom" and cfg.path:
+        folder = Path(cfg.path).expanduser().resolve().name
+        return f"custom-{folder}" if folder else "custom"
     return cfg.name.replace(":", "_").replace("/", "_")
+
+
+def data_identity(cfg: DataConfig) -> dict:
+    """What decides which interactions a run evaluates on, recorded with results read back by another command
+    (`recsys train` prints the baselines of the same data only): the dataset, its resolved folder, the rating
+    filter, and a synthetic dataset's seed and size."""
+    out: dict[str, Any] = {"name": cfg.name, "min_rating": cfg.min_rating}
+    if cfg.name == "synthetic":
+        out.update(seed=cfg.seed, users=cfg.synthetic_users, items=cfg.synthetic_items)
+    else:
+        try:
+            out["path"] = str(resolve_folder(cfg.name, cfg.path, cfg.data_dir).resolve())
+        except RecsysError:
+            out["path"] = None
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from recsys.config import ModelConfig
-from recsys.data.registry import dataset_slug, load_data
+from recsys.data.registry import data_identity, dataset_slug, load_data
 from recsys.data.split import Split
 from recsys.errors import RecsysError
 from recsys.models.encoder import load_tokenizer, resolve_model_path
@@ -68,7 +68,7 @@ def run_baselines(cfg, models=BASELINES, progress: bool = True) -> dict:
                               if k in ("k", "lambda", "encoder", "hidden", "dropout", "max_len"))
                 f.write(",".join(str(r[c]) for c in columns) + f",{hp}\n")
         (folder / "baselines.md").write_text(markdown_table(rows, columns) + "\n")
-        write_json(folder / "baselines.json", {"dataset": cfg.data.name, "models": out,
-                                               "users_evaluated": int(len(split.eval_users))})
+        write_json(folder / "baselines.json", {"dataset": cfg.data.name, "data": data_identity(cfg.data),
+                                               "models": out, "users_evaluated": int(len(split.eval_users))})
         write_json(folder / "record.json", {**environment_record(), "dataset": ds.stats()})
     return out

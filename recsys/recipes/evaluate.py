@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from recsys.config import RunConfig
-from recsys.data.registry import dataset_slug, load_data
+from recsys.data.registry import data_identity, dataset_slug, load_data
 from recsys.efficiency.device import resolve_device
 from recsys.errors import RecsysError
 from recsys.models.datamodule import RecDataModule
@@ -141,4 +141,7 @@ def baseline_rows(cfg: RunConfig) -> list[dict]:
     path = Path(cfg.tracking.results_dir) / "baselines" / dataset_slug(cfg.data) / "baselines.json"
     if not path.is_file():
         return []
-    return [{"model": k, **v} for k, v in json.loads(path.read_text())["models"].items()]
+    saved = json.loads(path.read_text())
+    if saved.get("data", data_identity(cfg.data)) != data_identity(cfg.data):  # (older files: no record)
+        return []  # the baselines of other data under the same folder name (e.g. another data.label's)
+    return [{"model": k, **v} for k, v in saved["models"].items()]
