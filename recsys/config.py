@@ -428,9 +428,19 @@ class BaselinesConfig:
     """The matrix baselines (`recsys baselines`; recsys/retrieval/baselines.py)."""
 
     ease_max_items: int = 20000  # EASE^R refuses larger catalogs (N² memory, N³ time); ItemKNN stays sparse
+    # grid: EASE^R's L2 weight λ, chosen on validation (one fit per value: minutes each at ~17k items)
+    ease_lambdas: list[float] = field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+                                                               2000.0, 5000.0])
+    itemknn_k: list[int] = field(default_factory=lambda: [50, 100, 200, 0])  # grid: ItemKNN neighbours (0 = all)
 
     def __post_init__(self):
         _check_positive(self, "ease_max_items")
+        if not self.ease_lambdas or not self.itemknn_k:
+            raise ValueError("ease_lambdas / itemknn_k: a grid needs at least one value")
+        if any(v <= 0 for v in self.ease_lambdas):
+            raise ValueError(f"ease_lambdas: every λ must be > 0, got {self.ease_lambdas}")
+        if any(k < 0 for k in self.itemknn_k):
+            raise ValueError(f"itemknn_k: neighbour counts must be >= 0 (0 = all), got {self.itemknn_k}")
 
 
 @dataclass

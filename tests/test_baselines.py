@@ -141,3 +141,89 @@ def test_custom_datasets_write_results_under_their_own_names(tmp_path, capsys):
     other = load_config(None, ["data.name=custom", f"data.path={b}", "data.label=mine",
                                f"tracking.results_dir={results}"])
     assert baseline_rows(other) == []  # "mine" holds A's baselines: not printed beside a run on B
+
+
+def _baselines_process(tmp_path: Path, models: str, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "recsys.cli", "baselines", "--models", models, "data.synthetic_users=60",
+           "data.synthetic_items=80", f"tracking.results_dir={tmp_path / 'results'}", "tracking.progress_bar=false",
+           # SASRec that trains until it is stopped: it is what the SIGTERM interrupts
+           "sasrec.hidden=[8]", "sasrec.dropout=[0.1]", "sasrec.max_len=[5]", "sasrec.epochs=1000000",
+           "sasrec.eval_every=1000000", "sasrec.max_minutes=null", *extra]
+    return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc) -> None:
+    """Until `path` exists (an event, not a duration: the process's own progress); fails if the process ends."""
+    import time
+
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+
+
+def test_sigterm_keeps_finished_models_and_leaves_no_lock(tmp_path):
+    """SIGTERM while SASRec trains, after Popularity and ItemKNN finished: one line says what was kept, no lock is
+    left, the partial folder holds only the finished rows; the same command then runs only what is missing."""
+    import signal
+
+    from conftest import HANG_S
+
+    base = tmp_path / "results" / "baselines"
+    partial = base / "synthetic.partial"
+    proc = _baselines_process(tmp_path, "popularity,itemknn,sasrec")
+    _wait_for(partial / "row_itemknn.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (said,) = [line for line in err.splitlines() if line.startswith("baselines stopped")]
+    assert "SIGTERM" in said and "popularity, itemknn finished" in said and str(partial) in said
+    assert sorted(p.name for p in base.iterdir()) == ["synthetic.partial"]  # no lock, no half-made final folder
+    assert sorted(p.name for p in partial.iterdir()) == ["baselines_state.json", "per_user_itemknn.csv",
+                                                         "per_user_popularity.csv", "row_itemknn.json",
+                                                         "row_popularity.json"]
+    kept = json.loads((partial / "row_itemknn.json").read_text())
+    again = _baselines_process(tmp_path, "popularity,itemknn")
+    out, err = again.communicate(timeout=HANG_S)
+    assert again.returncode == 0, err
+    assert "popularity: finished in an earlier run" in out and "itemknn: finished in an earlier run" in out
+    assert sorted(p.name for p in base.iterdir()) == ["synthetic"]
+    res = json.loads((base / "synthetic" / "baselines.json").read_text())
+    assert list(res["models"]) == ["popularity", "itemknn"] and res["models"]["itemknn"] == kept
+    assert not list((base / "synthetic").glob("row_*.json"))
+
+
+def test_sigterm_before_any_model_finished_leaves_nothing(tmp_path):
+    import signal
+
+    from conftest import HANG_S
+
+    base = tmp_path / "results" / "baselines"
+    proc = _baselines_process(tmp_path, "sasrec")
+    _wait_for(base / "synthetic.partial" / "baselines_state.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert list(base.iterdir()) == []
+
+
+def test_every_grid_is_settable_from_the_command_line(tmp_path, capsys):
+    """baselines.ease_lambdas and baselines.itemknn_k replace the grids (a one-value λ grid: one EASE^R fit)."""
+    from recsys.cli import main
+
+    results = tmp_path / "results"
+    assert main(["baselines", "--models", "itemknn,ease", "data.synthetic_users=60", "data.synthetic_items=80",
+                 "baselines.ease_lambdas=[7.5]", "baselines.itemknn_k=[3]", f"tracking.results_dir={results}",
+                 "tracking.progress_bar=false"]) == 0
+    res = json.loads((results / "baselines" / "synthetic" / "baselines.json").read_text())["models"]
+    assert res["ease"]["lambda"] == 7.5 and res["itemknn"]["k"] == 3
+    assert main(["baselines", "--models", "ease", "baselines.ease_lambdas=[]",
+                 f"tracking.results_dir={results}"]) == 2
+    assert "ease_lambdas / itemknn_k: a grid needs at least one value" in capsys.readouterr().err

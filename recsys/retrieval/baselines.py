@@ -14,12 +14,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from recsys.config import BaselinesConfig
 from recsys.data.split import Split
 from recsys.errors import RecsysError
 from recsys.retrieval.evaluate import EvalResult, evaluate
 
-KNN_KS = (50, 100, 200, None)  # None = all neighbours
-EASE_LAMBDAS = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+# the default grids are the config's (baselines.itemknn_k, baselines.ease_lambdas: settable per run)
+KNN_KS = tuple(k or None for k in BaselinesConfig().itemknn_k)  # None = all neighbours
+EASE_LAMBDAS = tuple(BaselinesConfig().ease_lambdas)
 SELECT_BY = "ndcg@10"
 
 
