@@ -170,14 +170,14 @@ def cmd_export(args) -> None:
 
 def cmd_sweep(args) -> None:
     from recsys.search.study import load_sweep, split_overrides
-    from recsys.search.sweep import sweep
     own, training = split_overrides(args.overrides)
-    cfg = load_sweep(args.config, own, training)
+    cfg = load_sweep(args.config, own, training)  # validated before torch and Lightning are imported
+    if args.workers < 1:
+        raise RecsysError(f"--workers must be >= 1, got {args.workers}")
+    from recsys.search.sweep import sweep
     if args.baseline == "posthoc":
         from recsys.search.posthoc import posthoc_config
         lambda_study, cfg = cfg, posthoc_config(cfg)
-    if args.workers < 1:
-        raise RecsysError(f"--workers must be >= 1, got {args.workers}")
     extra = [*args.overrides, *(["--baseline", args.baseline] if args.baseline else [])]
     try:
         summary = sweep(cfg, workers=args.workers, config_path=args.config, overrides=extra,

@@ -655,7 +655,7 @@ def test_download_refuses_and_leaves_nothing(capsys, tmp_path, server, monkeypat
     line = one_error_line(without_progress_bars(err))
     assert rc == 2 and out == ""
     assert_contains(line, *needles)
-    assert not data.exists() or list(data.iterdir()) == []  # no dataset folder, no temp folder, no .part
+    assert not data.exists()  # no data folder, no dataset folder, no temp folder, no .part
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "served" / "evil.txt").exists()
 
 

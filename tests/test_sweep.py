@@ -227,6 +227,21 @@ def test_bad_sweep_config_is_one_line_and_writes_nothing(tmp_path, tiny_model, c
     assert not (tmp_path / "results").exists()
 
 
+def test_a_bad_sweep_config_is_refused_before_torch_is_imported(tmp_path, tiny_model):
+    """Config errors come first: the process that refuses a sweep config has not imported torch or Lightning (13 s
+    idle, up to 48 s on a loaded machine, before the one line)."""
+    cfg = write_sweep(tmp_path, tiny_model, sampler="cmaes")
+    probe = ("import sys; from recsys.cli import main; rc = main(sys.argv[1:]); "
+             "heavy = [m for m in ('torch', 'pytorch_lightning', 'lightning') if m in sys.modules]; "
+             "print('imported:', heavy, file=sys.stderr); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", probe, "sweep", "--config", str(cfg)], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=QUICK_S)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("error: ") and "sampler must be one of" in lines[0] and len(lines) == 2
+    assert lines[1] == "imported: []"
+
+
 def test_missing_base_config(tmp_path, tiny_model, capsys):
     cfg = write_sweep(tmp_path, tiny_model)
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "base.yaml"), str(tmp_path / "nope.yaml")))

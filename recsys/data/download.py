@@ -163,11 +163,14 @@ def download(
         raise RecsysError(
             f"{target} exists but lacks {missing}; move it away or download with --force to replace it"
         )
+    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]  # removed again on failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-download-", dir=target.parent))
     except OSError as e:
+        _remove_empty(created)
         raise RecsysError(f"{name}: cannot write into {target.parent}: {_one_line(e)}") from None
+    ok = False
     try:
         for source in kept:
             _fetch(source, work / _file_name(source.url))
@@ -190,9 +193,21 @@ def download(
             target.mkdir(exist_ok=True)
             for source in kept:
                 os.replace(work / _file_name(source.url), target / _file_name(source.url))
+        ok = True
     except OSError as e:
         raise RecsysError(f"{name}: cannot write into {target.parent}: {_one_line(e)}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not ok:  # a failed download leaves no folder it made (the data dir included)
+            _remove_empty(created)
     print(f"{name}: downloaded into {target}", file=sys.stderr)
     return target
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a download created (innermost first) that are still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty (or gone): nor are its parents ours to remove
