@@ -190,6 +190,12 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resume: bool = False) -> dict:
+    """`_train` (below) with `train.threads` torch threads (restored afterwards)."""
+    with threads(cfg.train.threads):
+        return _train(cfg, callbacks, test, resume)
+
+
+def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resume: bool = False) -> dict:
     """Fit, select the best checkpoint on validation NDCG@10 (a gated run: its final model), test it (unless
     `test` is False: a sweep tests only its Pareto trials, after the search), and write the run folder.
     `callbacks` are extra Lightning callbacks (a sweep's pruning reporter). A failed or interrupted fit leaves
