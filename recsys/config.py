@@ -159,9 +159,8 @@ class TrainConfig:
     checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation
     num_workers: int = 0  # DataLoader worker processes
-    # torch intra-op threads while a run trains and is evaluated (None: torch's default, one per core). 1 is the
-    # safe default: with another job on the cores, a small tower ran 16-60x slower with 2 threads than with 1
-    threads: int | None = 1
+    # 1 is the safe default: with another job on the cores, a small tower ran 16-60x slower with 2 threads than 1
+    threads: int | None = 1  # torch intra-op threads while a run trains and is evaluated (None: one per core)
     accelerator: Accelerator = "auto"  # Lightning accelerator: auto | cpu | gpu | cuda | mps | tpu
     devices: int | str = 1  # Lightning devices: a count, -1 (all), "auto" or ids like "0,1"
     strategy: str = "auto"  # auto | ddp (multi-process) | deepspeed (GPU; ZeRO stage: zero_stage)
