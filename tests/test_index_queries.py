@@ -254,3 +254,45 @@ def test_a_sweep_tunes_each_trial_to_the_recall_target(tmp_path, tiny_model, cap
         record = json.loads((Path(t.user_attrs["run_dir"]) / "index_tuning.json").read_text())
         assert record[f"ivf-nlist={t.params['retrieval.nlist']}-recall=0.9"]["value"] == tuned["value"]
     assert read_csv(folder / "pareto.csv")
+
+
+# --- experiments/retrieval_scale.py on user queries, end to end at a tiny size ----------------------------------------
+
+
+@pytest.mark.slow
+def test_retrieval_scale_measures_user_queries(run, tmp_path, monkeypatch):
+    """The benchmark in a trained run's space: every index's recall on test user queries with item queries beside,
+    the tuned indexes and the query-aware IVF at the target, the generator checks, NDCG through tuned indexes."""
+    import sys
+
+    from conftest import REPO, SHARED_DATA
+
+    from recsys.tracking.schemas import problems
+    if not (SHARED_DATA / "ml-100k" / "u.item").is_file():
+        pytest.skip("ML-100K not available")
+    sys.path.insert(0, str(REPO / "experiments"))
+    import retrieval_scale as rs
+    monkeypatch.chdir(tmp_path)  # its cache is results/cache/retrieval_scale/ under the working directory
+    monkeypatch.setattr(rs, "REAL_SOURCES", (("ml-100k", "ml-100k"),))
+    monkeypatch.setattr(rs, "N_ROUTER", 400)
+    out = tmp_path / "rs.json"
+    assert rs.main(["--runs", str(run), "--sizes", "3000", "--rounds", "1", "--target", "0.9", "--threads", "1",
+                    "--data-dir", str(SHARED_DATA), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert problems("retrieval_scale.json", data) == [] and data["headline_space"] == str(run)
+    (space,) = data["spaces"]
+    assert space["kind"] == "text" and set(space["generator_check"]) == {"real", "generated", "generated_users"}
+    (cat,) = space["catalogs"]
+    assert cat["n_items"] == 3000 and cat["n_queries"] == 1000
+    assert cat["n_real_user_queries"] == min(500, space["generator"]["real_test_users"]) > 0
+    for e in cat["indexes"]:
+        assert 0 <= e["recall@10"] <= 1 and 0 <= e["recall@10_item_queries"] <= 1 and e["queries"] == "test users"
+    tuned = [e for e in cat["indexes"] if "tuned" in e]
+    assert {e["spec"].split(",")[0] for e in tuned} == {"ivf", "hnsw"} and len(tuned) == 3
+    assert all(e["tuned"]["recall"] >= 0.9 and e["tuned"]["queries"] == "validation user queries" for e in tuned)
+    assert set(cat["at_equal_recall"]) == {"target", "ivf", "ivf_probe_queries", "hnsw"}
+    full = [e for e in cat["indexes"] if e["spec"].startswith("flat")]
+    assert full[0]["recall@10"] == pytest.approx(1.0, abs=0.01)  # distinct texts: (almost) no ties left
+    ndcg = {r["spec"]: r for r in space["ndcg"]["indexes"]}
+    assert any("recall=0.9" in s and "probe=queries" in s for s in ndcg)
+    assert all(r["tuned"]["recall"] >= 0.9 for r in ndcg.values() if "tuned" in r)

@@ -193,7 +193,7 @@ def open_search(target: str | Path, spec: str | RetrievalConfig | None = None, r
     fingerprint = run_fingerprint(ckpt, cfg, ds.item_texts)
     cache = index_cache(run_dir)
     items = catalog_embeddings(module, cfg, ds.item_texts, cache, fingerprint, progress)
-    keys = _keys(module, items)
+    keys = item_keys(module, items)
     val = None
     if index_cfg.probe == "queries" or index_cfg.recall:
         val = user_queries(module, cfg, ds, split, items, "val", cache, fingerprint, progress)
@@ -217,7 +217,7 @@ def run_index(target: str | Path, spec: str | RetrievalConfig | None = None, reb
 
 
 @torch.inference_mode()
-def _keys(module, items: torch.Tensor) -> torch.Tensor:
+def item_keys(module, items: torch.Tensor) -> torch.Tensor:
     """[N, d] what users are scored against: a sequence tower's item representations (its adaptor), else `items`."""
     return module.user_tower.eval().represent(items) if module.sequence else items
 

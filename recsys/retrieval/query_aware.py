@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ROUTER_STEPS = 300  # full-batch Adam steps
+ROUTER_STEPS = 300  # Adam steps
 ROUTER_LR = 0.01
-ROUTER_CHUNK = 4096  # queries per chunk of the exact top-k
+ROUTER_BATCH = 1024  # queries per step beyond this many (a 1M-item catalog's 4,000 lists: 1024 × 4000 logits)
+SCORES_PER_CHUNK = 1 << 26  # exact top-k in chunks of at most this many scores (256 MB)
 
 
 def list_of_items(ivf, n_items: int) -> np.ndarray:
@@ -44,8 +45,9 @@ def route_targets(queries: torch.Tensor, keys: torch.Tensor, lists: np.ndarray, 
     out = torch.zeros(len(queries), nlist)
     owner = torch.from_numpy(lists)
     k = min(k, len(keys))
-    for s in range(0, len(queries), ROUTER_CHUNK):
-        top = torch.topk(queries[s:s + ROUTER_CHUNK] @ keys.T, k, dim=1).indices  # [q, k]
+    chunk = max(1, SCORES_PER_CHUNK // len(keys))
+    for s in range(0, len(queries), chunk):
+        top = torch.topk(queries[s:s + chunk] @ keys.T, k, dim=1).indices  # [q, k]
         rows = torch.arange(len(top)).unsqueeze(1).expand_as(top)  # [q, k]
         out[s:s + len(top)].index_put_((rows.reshape(-1), owner[top].reshape(-1)),
                                        torch.full((top.numel(),), 1.0 / k), accumulate=True)
@@ -53,17 +55,21 @@ def route_targets(queries: torch.Tensor, keys: torch.Tensor, lists: np.ndarray, 
 
 
 def fit_probe_vectors(centroids: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor,
-                      steps: int = ROUTER_STEPS, lr: float = ROUTER_LR) -> tuple[torch.Tensor, dict]:
+                      steps: int = ROUTER_STEPS, lr: float = ROUTER_LR, batch: int = ROUTER_BATCH,
+                      seed: int = 0) -> tuple[torch.Tensor, dict]:
     """Probe vectors [nlist, d] from centroids [nlist, d], queries [Q, d] and their list targets [Q, nlist]:
-    softmax cross-entropy of s·(q · p_j) against the targets, full-batch Adam (deterministic for fixed inputs)."""
+    softmax cross-entropy of s·(q · p_j) against the targets, Adam on the whole set (Q <= batch) or on seeded
+    mini-batches of `batch` queries (deterministic for fixed inputs)."""
     probes = torch.nn.Parameter(centroids.clone().float())
     scale = torch.nn.Parameter(torch.tensor(10.0))
     opt = torch.optim.Adam([probes, scale], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
     with torch.inference_mode(False), torch.enable_grad():
         for _ in range(steps):
-            logits = scale * (queries @ probes.T)  # [Q, nlist]
-            loss = -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
+            rows = torch.randint(len(queries), (batch,), generator=gen) if len(queries) > batch else slice(None)
+            logits = scale * (queries[rows] @ probes.T)  # [B, nlist]
+            loss = -(targets[rows] * torch.log_softmax(logits, dim=1)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
