@@ -44,6 +44,10 @@ def test_index_settings_are_config_keys_and_overrides():
     ("ivf,nlist=8,nprobe=16", "nprobe (16) must be <= nlist (8)"),
     ("ivf,M=4", "'M=4' is not a setting of ivf"),
     ("flat,device=tpu", "device must be one of cpu, gpu"),
+    ("ivf,recall=1.5", "recall must be in [0, 1], got 1.5"),
+    ("flat,recall=0.9", "'recall=0.9' is not a setting of flat"),
+    ("hnsw,probe=queries", "'probe=queries' is not a setting of hnsw"),
+    ("ivf,probe=users", "probe must be one of centroids, queries"),
 ])
 def test_bad_specs_are_one_line(spec, message):
     with pytest.raises(RecsysError) as e:
