@@ -17,6 +17,12 @@ Embeddings are L2-normalised, so inner product = cosine and every index is built
 One code path for CPU and GPU: the index is built on the CPU and, with `device=gpu`, copied to faiss's GPU
 index of the same kind (`faiss.index_cpu_to_gpu`; HNSW has none). A built index is saved with the fingerprint of
 what it was built from (a run's checkpoint and item texts): `load_index` refuses one whose source has changed.
+A cached index that is truncated, corrupt, or not over this catalog (its metadata, its vectors' count or dimension)
+is rebuilt, saying so in one line; queries of another dimension than the index are one line.
+Two settings concern the queries that arrive (user vectors, which are not distributed like items): `probe=queries`
+(IVF-Flat) fits the lists' probe vectors to sampled user queries (`recsys.retrieval.query_aware`), and
+`recall=<target>` has nprobe / efSearch tuned to that recall@10 on validation users (`recsys.retrieval.index_tuning`,
+called by `recsys.recipes.retrieval_index`).
 faiss is an optional dependency (`pip install recsys[faiss]`), imported when an index is built.
 """
 from __future__ import annotations
