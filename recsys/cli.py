@@ -79,8 +79,14 @@ def cmd_baselines(args) -> None:
 def cmd_train(args) -> None:
     cfg = _config(args)  # validate before the heavy imports
     from recsys.recipes.evaluate import baseline_rows, results_table
+    from recsys.recipes.ranks import this_rank, watch_ranks
     from recsys.recipes.train import train
-    out = train(cfg, resume=args.resume)
+    watch = watch_ranks() if cfg.train.devices not in (1, "1") and this_rank() == 0 else None  # ranks 1… die aloud
+    try:
+        out = train(cfg, resume=args.resume)
+    finally:
+        if watch is not None:
+            watch.set()
     if not out:  # non-zero ranks of a multi-process run
         return
     rows = [{"model": "sequence_tower" if cfg.model.user_tower == "sequence" else "two_tower", **out["test"]},
@@ -357,7 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.filename or 'results'}: {e.strerror} (nothing half-written was kept)", file=sys.stderr)
         return 2
+    except Exception as e:  # a multi-process run whose peer rank died: one line naming it, not gloo's traceback
+        line = _rank_failure(e)
+        if line is None:
+            raise
+        from recsys.recipes.ranks import report
+        report(line)  # (said already, when rank 0 saw the rank die)
+        return 1
     return 0
+
+
+def _rank_failure(e: BaseException) -> str | None:
+    if "torch.distributed" not in sys.modules:
+        return None
+    from recsys.recipes.ranks import rank_failure
+    return rank_failure(e)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's use of torch's pytree
     r".*is smaller than the logging interval.*",  # short sweeps trials log less often than every 10 steps
     r".*your dataloader is not resumable.*",  # --resume rebuilds the epoch's order itself (RecDataModule.resume_from)
+    # DDP: validation metrics are computed from every rank's users, gathered before they are logged
+    # (TwoTowerModule.on_validation_epoch_end): each rank logs the same global value, nothing is left to reduce
+    r".*self\.log\('val/[^']*', \.\.\., sync_dist=True\).*",
 )
 
 
