@@ -210,7 +210,12 @@ def sweep(cfg: SweepConfig, workers: int = 1, config_path: str | None = None, ov
     import datetime as dt
 
 
-    check_index_dimension(cfg, load_config(cfg.base_config, list(cfg.overrides)))  # before any trial starts
+    try:  # before any trial starts (the base alone may be incomplete without a trial's params: then per trial)
+        base = load_config(cfg.base_config, list(cfg.overrides))
+    except RecsysError:
+        base = None
+    if base is not None:
+        check_index_dimension(cfg, base)
     t0, since = time.perf_counter(), dt.datetime.now()
     procs = []
     if workers > 1:
