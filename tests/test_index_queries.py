@@ -278,3 +278,18 @@ def test_retrieval_scale_measures_user_queries(run, tmp_path, monkeypatch):
     ndcg = {r["spec"]: r for r in space["ndcg"]["indexes"]}
     assert any("recall=0.9" in s and "probe=queries" in s for s in ndcg)
     assert all(r["tuned"]["recall"] >= 0.9 for r in ndcg.values() if "tuned" in r)
+
+
+def test_query_gap_row_of_a_run(run):
+    """experiments/query_gap.py's measurement of one trained run: the gap, recall at equal nprobe, tuned nprobe."""
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "experiments"))
+    import query_gap
+    row = query_gap.measure(run, 0.9)
+    assert -1 <= row["user_to_item_median_best_cosine"] <= 1 and row["nlist"] == 4
+    curve = [row["ivf_recall@10_test_users"][p] for p in ("1", "2", "4")]
+    assert curve == sorted(curve) and curve[-1] == 1.0  # nprobe = nlist: exact
+    for name in ("ivf_tuned", "ivf_probe_queries_tuned"):
+        assert row[name]["val_recall@10"] >= 0.9 and 1 <= row[name]["nprobe"] <= 4
