@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,notebooks,faiss,export,quant,deepspeed,serve
+EXTRAS ?= dev,notebooks,faiss,export,quant,deepspeed,encoders,serve
 
 .PHONY: setup demo test test-fast lint clean
 

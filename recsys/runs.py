@@ -46,13 +46,13 @@ def load_checkpoint_state(path: Path) -> dict:
         raise RecsysError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
 
 
-def build_module(cfg: RunConfig, distill: bool = True) -> TwoTowerModule:
+def build_module(cfg: RunConfig, distill: bool = True, n_catalog: int = 0) -> TwoTowerModule:
     """The two-tower module a run config describes: int8 fake-quantisation inserted for a QAT run (before a
     checkpoint is loaded into it: QAT keeps the parameters), and with `distill` the distiller, whose frozen
     teacher is the finished run `distill.teacher` names (loaded in this order, so seeded runs draw the same
     initial weights as ever)."""
     module = TwoTowerModule(model=asdict(cfg.model), train=asdict(cfg.train), compress=asdict(cfg.compress),
-                            distill=asdict(cfg.distill) if distill else None)
+                            distill=asdict(cfg.distill) if distill else None, n_catalog=n_catalog)
     c = cfg.compress
     if c.qat:
         for tower in module.towers:
@@ -87,7 +87,8 @@ def load_run(target: str | Path, overrides: list[str] | None = None,
     run_dir, ckpt = run_paths(target)
     cfg = load_config(run_dir / "config.yaml", overrides) if overrides else run_config(run_dir)
     state = load_checkpoint_state(ckpt)
-    module = build_module(cfg, distill=False)
+    ids = state.get("user_tower.item_ids.weight")  # a text+id sequence tower: one ID embedding per catalog item
+    module = build_module(cfg, distill=False, n_catalog=0 if ids is None else int(ids.shape[0]))
     state = {k: v for k, v in state.items() if not k.startswith("distiller.")}
     try:
         module.load_state_dict(state)
@@ -167,7 +168,8 @@ def check_lengths(cfg: RunConfig, module) -> None:
     """Token budgets within what the encoders can read (their position embeddings)."""
     users = () if module.sequence else (("user_max_tokens", module.user_tower),
                                         ("train_user_max_tokens", module.user_tower))  # a sequence tower reads items
-    for key, tower in (*users, ("item_max_tokens", module.item_tower)):
+    items = () if module.item_tower is None else (("item_max_tokens", module.item_tower),)  # an HF item encoder
+    for key, tower in (*users, *items):
         n, most = getattr(cfg.data, key), tower.encoder.shape.max_positions
         if n is not None and n > most:
             raise RecsysError(f"data.{key}: {n} tokens, but the encoder reads at most {most}")

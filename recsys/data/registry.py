@@ -23,7 +23,7 @@ import numpy as np
 
 from recsys.config import DataConfig
 from recsys.data.dataset import RecDataset
-from recsys.data.split import Split, leave_last_out
+from recsys.data.split import Split, hold_out_items, leave_last_out
 from recsys.errors import RecsysError
 
 DATA_DIR_ENV = "RECSYS_DATA_DIR"
@@ -162,7 +162,7 @@ def load_data(cfg: DataConfig) -> tuple[RecDataset, Split]:
     if dropped:  # it can change a user's held-out item: say so wherever the data is used, not only in `data stats`
         print(f"warning: dataset '{cfg.name}': {dropped} interactions dropped because their item has no text "
               f"({len(ds.item_texts)} items with text kept)", file=sys.stderr)
-    split = leave_last_out(ds)
+    split = hold_out_items(leave_last_out(ds), cfg.cold_items, cfg.cold_seed)  # cold start: data.cold_items
     if len(split.eval_users) == 0:
         raise RecsysError(f"dataset '{cfg.name}': no user has the 3 interactions needed for evaluation")
     warn_masked_targets(split, cfg.name)

@@ -6,7 +6,7 @@ in train and are not evaluated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,6 +25,20 @@ class Split:
     train: list[np.ndarray]
     val: np.ndarray  # [n_users] int64, -1 = not evaluated
     test: np.ndarray  # [n_users] int64, -1 = not evaluated
+    # cold start (`hold_out_items`): sorted indices of items held out of training entirely (empty: the warm protocol)
+    cold: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def protocol(self) -> str:
+        """The protocol results name: leave-last-out, warm, or with held-out cold-start items."""
+        return f"leave-last-out, cold-start ({len(self.cold)} items held out)" if len(self.cold) else \
+            "leave-last-out, warm"
+
+    def cold_mask(self) -> np.ndarray:
+        """[n_items] bool: the item is cold (never in any training sequence)."""
+        out = np.zeros(self.n_items, dtype=bool)
+        out[self.cold] = True
+        return out
 
     @property
     def n_users(self) -> int:
@@ -76,3 +90,18 @@ def leave_last_out(ds: RecDataset) -> Split:
         else:
             train[u] = seq
     return Split(n_items=ds.n_items, train=train, val=val, test=test)
+
+
+def hold_out_items(split: Split, share: float, seed: int = 0) -> Split:
+    """The cold-start protocol: `share` of the catalog's items, drawn with `seed`, removed from every training
+    sequence (so no model trains on them: not as a target, not in a history), kept as validation/test targets and
+    in the histories a model reads at evaluation (an item seen only at inference time). Leave-last-out is applied
+    first, so the evaluated targets are the warm protocol's: results on warm and cold targets are comparable."""
+    if share <= 0:
+        return split
+    n = int(round(share * split.n_items))
+    cold = np.sort(np.random.default_rng(seed).permutation(split.n_items)[:n]).astype(np.int64)
+    is_cold = np.zeros(split.n_items, dtype=bool)
+    is_cold[cold] = True
+    train = [s[~is_cold[s]] if len(s) else s for s in split.train]
+    return replace(split, train=train, cold=cold)

@@ -53,6 +53,8 @@ class RecDataModule(pl.LightningDataModule):
     # --- training ---------------------------------------------------------------------------------------
     def examples(self, epoch: int) -> list[tuple[int, int]]:
         """This epoch's (user, position) pairs: position t targets train[u][t] from history train[u][:t]."""
+        if self.train_cfg.objective == "causal":  # one example per user: its whole sequence, every position
+            return [(u, len(seq)) for u, seq in enumerate(self.split.train) if len(seq) >= 2]
         rng = np.random.default_rng([self.train_cfg.seed, epoch])
         cap = self.train_cfg.examples_per_user
         out = []
@@ -82,7 +84,17 @@ class RecDataModule(pl.LightningDataModule):
         per_epoch = -(-len(self.examples(epoch)) // self.train_cfg.batch_size)
         self.resume_at = (epoch, max(0, global_step - epoch * per_epoch))
 
+    def collate_causal(self, pairs: list[tuple[int, int]]) -> dict:
+        """`train.objective=causal`: "user_items" [B, N] the last N items of each training sequence but its last,
+        "targets" [B, N] the item that follows each of them (-1 where there is none), both left-padded."""
+        seqs = [self.split.train[u] for u, _ in pairs]
+        n = self.sequence_items
+        return {"users": torch.tensor([u for u, _ in pairs]), "user_items": recent_items([s[:-1] for s in seqs], n),
+                "targets": recent_items([s[1:] for s in seqs], n)}
+
     def collate_train(self, pairs: list[tuple[int, int]]) -> dict:
+        if self.train_cfg.objective == "causal":
+            return self.collate_causal(pairs)
         users = [u for u, _ in pairs]
         targets = [int(self.split.train[u][t]) for u, t in pairs]
         n = self.data_cfg.history_items
@@ -96,6 +108,7 @@ class RecDataModule(pl.LightningDataModule):
                            for u, tgt in zip(users, targets, strict=True)])
         max_user = self.data_cfg.train_user_max_tokens or self.data_cfg.user_max_tokens
         return {
+            "users": torch.tensor(users),
             **(self.sequence_batch([self.split.train[u][:t] for u, t in pairs]) if self.sequence_items else {}),
             "user": tokenize(self.tokenizer, utexts, max_user) if self.with_user_text else None,
             "item": (tokenize(self.tokenizer, [self.item_texts[i] for i in items], self.data_cfg.item_max_tokens)

@@ -18,11 +18,13 @@ from torchmetrics.aggregation import CatMetric
 from recsys.config import CompressConfig, DistillConfig, ModelConfig, TrainConfig, from_dict
 from recsys.efficiency.cost import SoftShape
 from recsys.errors import RecsysError
+from recsys.losses.catalog import CatalogSoftmaxLoss
 from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.gather import false_negatives, gather_items, world
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
 from recsys.models.gates import gates_for
+from recsys.models.item_encoder import item_encoder_dim
 from recsys.models.sequence_tower import build_sequence_tower, lookup
 from recsys.models.teacher import Distiller, capture_hidden
 from recsys.models.tower import Tower, encode_texts
@@ -59,7 +61,8 @@ class TwoTowerModule(pl.LightningModule):
     (`attach_distiller`), a frozen item tower's catalog embeddings (`set_item_cache`), the cost model of its
     gated towers with their latency tables (`set_costs`), importance-initialised or pruned gates."""
 
-    def __init__(self, model: dict, train: dict, compress: dict | None = None, distill: dict | None = None):
+    def __init__(self, model: dict, train: dict, compress: dict | None = None, distill: dict | None = None,
+                 n_catalog: int = 0):
         super().__init__()
         self.save_hyperparameters()  # plain dicts: checkpoints load with weights_only=True
         self.model_cfg: ModelConfig = from_dict(ModelConfig, model, "model")
@@ -70,29 +73,35 @@ class TwoTowerModule(pl.LightningModule):
         m = self.model_cfg
         self.sequence = m.user_tower == "sequence"  # a user tower over item embeddings (models/sequence_tower.py)
         if self.sequence:  # the item tower encodes texts; the small transformer (gated, if any) reads its output
-            self.item_tower = build_tower(m.item_encoder or m.encoder, m, None)
-            self.user_tower = build_sequence_tower(m, self.item_tower.dim, m.sequence_items, c)
+            # a Hugging Face item encoder (item_encoder_backend=auto) is not part of the module: frozen, its catalog
+            # embeddings are computed offline and handed in (`set_item_cache`), its weights are the named model's
+            auto = m.item_encoder_backend == "auto"
+            self.item_tower = None if auto else build_tower(m.item_encoder or m.encoder, m, None)
+            item_dim = item_encoder_dim(m.item_encoder or m.encoder) if auto else self.item_tower.dim
+            self.user_tower = build_sequence_tower(m, item_dim, m.sequence_items, c, n_catalog)
             self.separate = True
         else:
             self.user_tower = build_tower(m.encoder, m, c)
             self.separate = m.item_encoder is not None or not m.shared_towers or m.freeze_item_tower
             self.item_tower = (build_tower(m.item_encoder or m.encoder, m, None if m.freeze_item_tower else c)
                                if self.separate else self.user_tower)
-        if m.freeze_item_tower:  # fixed catalog embeddings: trained neither by the task nor by penalties
+        if m.freeze_item_tower and self.item_tower is not None:  # fixed catalog embeddings: not trained
             self.item_tower.requires_grad_(False)
         # [n_items, d] embeddings of a frozen item tower's catalog, handed in by the recipe (not saved: the
         # frozen tower's weights are, and reproduce them)
         self.item_cache: torch.Tensor | None = None
+        self.excluded: torch.Tensor | None = None  # [n_items] bool: cold-start items no training step may see
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
         self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
         if c.freeze_gates:
-            for tower in (self.user_tower, self.item_tower):
+            for tower in self.towers:
                 if tower.gates is not None:
                     tower.gates.freeze()
         self.user_costs: CostNormaliser | None = None  # handed in by the recipe (`set_costs`)
         self.item_costs: CostNormaliser | None = None
-        if self.user_tower.dim != self.item_tower.dim:
-            raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {self.item_tower.dim}; "
+        item_dim = self.user_tower.item_dim if self.item_tower is None else self.item_tower.dim
+        if self.user_tower.dim != item_dim:
+            raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {item_dim}; "
                               "set model.projection_dim")
         log_t = torch.tensor(math.log(self.model_cfg.temperature))
         if self.model_cfg.learn_temperature:
@@ -100,6 +109,7 @@ class TwoTowerModule(pl.LightningModule):
         else:
             self.register_buffer("log_temperature", log_t)
         self.loss = InBatchSoftmaxLoss()
+        self.catalog_loss = CatalogSoftmaxLoss()  # train.objective=causal
         self.distiller: Distiller | None = None  # attached by recsys.runs.build_module when distilling
         self.val_ranks, self.val_users = CatMetric(), CatMetric()
         self._item_emb: torch.Tensor | None = None
@@ -111,6 +121,8 @@ class TwoTowerModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.train_cfg.objective == "causal":
+            return self.causal_step(batch)
         hidden = self.distiller is not None and self.distiller.hidden is not None
         with capture_hidden(self.user_tower.encoder) if hidden else nullcontext() as student_hidden:
             u = self.user_embeddings(batch)  # [B, d]
@@ -131,6 +143,23 @@ class TwoTowerModule(pl.LightningModule):
         self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=u.shape[0])
         return loss
 
+    def causal_step(self, batch: dict) -> torch.Tensor:
+        """`train.objective=causal`: each training sequence's every position predicts its next item, scored
+        against the whole (adapted) cached catalog (recsys/losses/catalog.py); + the structure loss if gated."""
+        keys = self.user_tower.represent_catalog(self.item_cache)  # [n_items, d] adaptor / ID embeddings trained
+        emb, mask = lookup(batch["user_items"], keys)  # [B, N, d], [B, N]
+        h = self.user_tower.encode(emb, mask, positions="all")  # [B, N, d] one prediction per position
+        targets = batch["targets"].to(self.device)  # [B, N] next item ids, -1 = none
+        loss = task = self.catalog_loss(h, keys, targets, self.temperature, self.excluded)
+        terms = {"train/task_loss": task, "train/temperature": self.temperature}
+        if self.user_costs is not None and not self.user_tower.gates.frozen:
+            structure, cost_terms = self.structure_loss()
+            loss = loss + structure
+            terms.update(cost_terms)
+        self.log("train/loss", loss, prog_bar=True, batch_size=mask.shape[0])
+        self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=mask.shape[0])
+        return loss
+
     def user_embeddings(self, batch: dict, catalog: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d] user embeddings of a batch: the text tower over its user texts, or the sequence tower over the
         embeddings of its users' last N items (`batch["user_items"]` [B, N], -1 padded), looked up in `catalog`
@@ -144,7 +173,7 @@ class TwoTowerModule(pl.LightningModule):
             emb = self.item_tower(**batch["user_item_text"])[table_ids]  # [B, N, d]
             mask = batch["user_items"].to(self.device) >= 0  # [B, N]
             return self.user_tower(emb * mask[..., None], mask)
-        return self.user_tower(*lookup(batch["user_items"], table))
+        return self.user_tower(*lookup(batch["user_items"], table), ids=batch["user_items"].to(table.device))
 
     def item_embeddings(self, batch: dict, gates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[B + M, d] embeddings of a batch's items: looked up in a frozen item tower's cached catalog, else
@@ -153,7 +182,9 @@ class TwoTowerModule(pl.LightningModule):
             items = self.item_cache[batch["items"].to(self.item_cache.device)]
         else:
             items = self.item_tower(**batch["item"], gates=None if self.separate else gates)
-        return self.user_tower.represent(items) if self.sequence else items  # a sequence tower's adaptor
+        if self.sequence:  # a sequence tower's adaptor and ID embeddings
+            return self.user_tower.represent(items, batch["items"].to(items.device))
+        return items
 
     def gather_negatives(self, items: torch.Tensor, batch: dict, n_users: int) -> tuple[torch.Tensor, dict, float]:
         """Under data parallelism (train.gather_negatives, several ranks): every rank's items [N, d] gathered with
@@ -168,17 +199,19 @@ class TwoTowerModule(pl.LightningModule):
     @property
     def towers(self) -> list[Tower]:
         """The distinct towers (one when they are shared)."""
-        return list({id(t): t for t in (self.user_tower, self.item_tower)}.values())
+        return list({id(t): t for t in (self.user_tower, self.item_tower) if t is not None}.values())
 
     def attach_distiller(self, distiller: Distiller) -> None:
         """Distil from a teacher (`distill:`): its terms join the loss, its projections the checkpoint."""
         self.distiller = distiller
 
-    def set_item_cache(self, item_emb: torch.Tensor) -> None:
-        """Hand in the frozen item tower's catalog embeddings [n_items, d] (computed once by the recipe)."""
+    def set_item_cache(self, item_emb: torch.Tensor, excluded: torch.Tensor | None = None) -> None:
+        """Hand in the frozen item tower's catalog embeddings [n_items, d] (computed once by the recipe) and, under
+        the cold-start protocol, the items [n_items] bool no training step may see (not even as a negative)."""
         if not self.model_cfg.freeze_item_tower:
             raise RecsysError("item embeddings are cached only for a frozen item tower (model.freeze_item_tower)")
-        self.item_cache = item_emb
+        self.item_cache = item_emb.clone()  # a normal tensor (encoders run in inference mode): autograd reads it
+        self.excluded = excluded if excluded is not None and bool(excluded.any()) else None
 
     # --- learnable structure: gates, penalties, budget ------------------------------------------------------
     @property
@@ -200,6 +233,8 @@ class TwoTowerModule(pl.LightningModule):
             raise RecsysError("a gated module under penalties or a budget needs its cost model (set_costs)")
         if self.item_cache is not None:
             self.item_cache = self.item_cache.to(self.device)
+        if self.excluded is not None:
+            self.excluded = self.excluded.to(self.device)
         if self.distiller is not None:
             self.distiller.to_device(self.device)
 
@@ -209,7 +244,7 @@ class TwoTowerModule(pl.LightningModule):
         c = self.compress_cfg
         if c.recovery and self.gated and not self.user_tower.gates.frozen:
             if self.global_step >= (1 - c.recovery) * int(self.trainer.estimated_stepping_batches):
-                for tower in (self.user_tower, self.item_tower):
+                for tower in self.towers:
                     if tower.gates is not None:
                         tower.gates.freeze()
                 print(f"recovery: structure fixed at step {self.global_step}", flush=True)
@@ -242,7 +277,7 @@ class TwoTowerModule(pl.LightningModule):
         user = self.user_tower.gates.hard_shape().replace(seq_len=costs.base.seq_len, batch=costs.base.batch)
         out = {"user_shape": user.to_dict(),
                "user_ratios": {k: float(v) for k, v in costs(SoftShape.from_shape(user)).items()}}
-        if self.separate and self.item_tower.gates is not None:
+        if self.separate and self.item_tower is not None and self.item_tower.gates is not None:
             item_costs = self.item_costs or CostNormaliser(self.item_tower.shape)
             item = self.item_tower.gates.hard_shape().replace(seq_len=item_costs.base.seq_len)
             out["item_shape"] = item.to_dict()
@@ -256,7 +291,7 @@ class TwoTowerModule(pl.LightningModule):
 
     def configure_optimizers(self):
         # parameter groups by module: the gates' log α, the budget multipliers, then weights with and without decay
-        gate_modules = [t.gates for t in (self.user_tower, self.item_tower) if t.gates is not None]
+        gate_modules = [t.gates for t in self.towers if t.gates is not None]
         gates = list({id(p): p for g in gate_modules for p in g.parameters() if p.requires_grad}.values())
         multipliers = [p for p in (self.budget.parameters() if self.budget is not None else []) if p.requires_grad]
         special = {id(p) for p in gates + multipliers}
@@ -292,7 +327,7 @@ class TwoTowerModule(pl.LightningModule):
                                           self.train_cfg.eval_batch_size, desc="encode items",
                                           progress=False).to(self.device)
         # what users are scored against: a sequence tower's item representations (its adaptor), else the same
-        self._item_keys = self.user_tower.represent(self._item_emb) if self.sequence else self._item_emb
+        self._item_keys = self.user_tower.represent_catalog(self._item_emb) if self.sequence else self._item_emb
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         u = self.user_embeddings(batch, self._item_emb)  # [B, d]

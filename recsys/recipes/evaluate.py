@@ -15,6 +15,7 @@ from recsys.efficiency.device import resolve_device
 from recsys.errors import RecsysError
 from recsys.models.datamodule import RecDataModule
 from recsys.models.encoder import load_tokenizer, resolve_model_path
+from recsys.models.item_encoder import catalog_vectors
 from recsys.models.sequence_tower import sequence_scorers
 from recsys.models.tower import encode_texts, tower_scorers
 from recsys.retrieval.distributed import evaluate_sharded, gather_rows, shard, world
@@ -45,9 +46,7 @@ def evaluate_sequence_module(user_tower, module, dm, stages=("val", "test"),
     """A sequence user tower (`user_tower`: the module's, or as served) on `stages`: the catalog encoded once by
     the item tower (a frozen one's cache as it is), each user's last N items looked up in it (one process)."""
     bs = module.train_cfg.eval_batch_size
-    items = module.item_cache if module.item_cache is not None else encode_texts(
-        module.item_tower, dm.tokenizer, dm.item_texts, dm.data_cfg.item_max_tokens, bs, desc="encode items",
-        progress=progress)
+    items = catalog_vectors(module, dm.item_texts, dm.tokenizer, dm.data_cfg, bs, progress)
     scorers = sequence_scorers(user_tower, items, dm.split, stages, bs)
     return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
 

@@ -135,7 +135,7 @@ def export_sequence_run(run_dir: Path, cfg, module, fmt: str, out: str | Path | 
     with torch.inference_mode():
         items = encode_texts(module.item_tower, tokenizer, ds.item_texts, cfg.data.item_max_tokens,
                              cfg.train.eval_batch_size, progress=False)  # [n_items, d_item]
-        keys = module.user_tower.represent(items)  # [n_items, d]
+        keys = module.user_tower.represent_catalog(items)  # [n_items, d]
     final = Path(out) if out is not None else run_dir / "export" / fmt
     report = {"run": str(run_dir), "format": fmt, "user_tower": "sequence", "towers": {}}
     users = split.eval_users[:8]

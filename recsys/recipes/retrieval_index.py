@@ -219,7 +219,7 @@ def run_index(target: str | Path, spec: str | RetrievalConfig | None = None, reb
 @torch.inference_mode()
 def item_keys(module, items: torch.Tensor) -> torch.Tensor:
     """[N, d] what users are scored against: a sequence tower's item representations (its adaptor), else `items`."""
-    return module.user_tower.eval().represent(items) if module.sequence else items
+    return module.user_tower.eval().represent_catalog(items) if module.sequence else items
 
 
 def evaluate_run_index(target: str | Path, spec: str | RetrievalConfig | None = None, stage: str = "test",

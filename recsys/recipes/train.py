@@ -28,8 +28,8 @@ from recsys.losses.penalties import CostNormaliser
 from recsys.models.datamodule import RecDataModule
 from recsys.models.encoder import load_tokenizer, resolve_model_path
 from recsys.models.importance import init_gates_by_importance, prune_by_importance
+from recsys.models.item_encoder import catalog_vectors
 from recsys.models.sequence_tower import user_input_length
-from recsys.models.tower import encode_texts
 from recsys.models.two_tower import MONITOR
 from recsys.recipes.deepspeed import check_deepspeed, deepspeed_final_module, deepspeed_strategy
 from recsys.recipes.evaluate import evaluate_module
@@ -55,7 +55,7 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seconds += time.perf_counter() - self._t
-        self.examples += batch["false_negatives"].shape[0]  # users of the batch (text or sequence towers)
+        self.examples += len(batch["users"])  # users of the batch (text or sequence towers)
 
     @property
     def rate(self) -> float:
@@ -152,6 +152,19 @@ def _finish(trainer: pl.Trainer, status: str = "success") -> None:
             wandb.finish(exit_code=0 if status == "success" else 1)
 
 
+def _stopped_by(trainer: pl.Trainer, cfg: RunConfig) -> str:
+    """Why a fit ended: time_cap (train.max_minutes fired), early_stopping, or budget (its epochs ran out)."""
+    from pytorch_lightning.callbacks import Timer
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and cfg.train.max_minutes and timer.time_remaining() is not None \
+            and timer.time_remaining() <= 0:
+        return "time_cap"
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stopper is not None and stopper.stopped_epoch > 0:
+        return "early_stopping"
+    return "budget"
+
+
 def prepare_module(module, dm, cfg: RunConfig) -> None:
     """What the LightningModule needs from outside, prepared before fitting: a frozen item tower's catalog
     embeddings, the teacher's, the dense model's importance scores (post-hoc pruning, or importance-initialised
@@ -159,9 +172,12 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
     tower will be served by)."""
 
 
-    if cfg.model.freeze_item_tower:
-        module.set_item_cache(encode_texts(module.item_tower, dm.tokenizer, dm.item_texts, cfg.data.item_max_tokens,
-                                           cfg.train.eval_batch_size, desc="encode items", progress=False))
+    if cfg.model.freeze_item_tower:  # the catalog once (a Hugging Face item encoder's: cached on disk)
+        module.set_item_cache(catalog_vectors(module, dm.item_texts, dm.tokenizer, cfg.data, cfg.train.eval_batch_size),
+                              torch.from_numpy(dm.split.cold_mask()))
+        if len(dm.split.cold) and cfg.model.item_representation == "text+id":
+            print(f"cold start: {len(dm.split.cold)} held-out items have no trained ID embedding (it stays zero); a "
+                  "text+id tower scores them by their text alone", file=sys.stderr)
     if module.distiller is not None:
         module.distiller.cache_items(dm.item_texts, dm.tokenizer, cfg.data.item_max_tokens)
     c = cfg.compress
@@ -179,7 +195,7 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
         tables = (load_or_build(user_base, progress=False, route=route_for(c.precision, c.int8_backend),
                                 sequence=SequenceInput.of(module.user_tower)) if needs_latency else None)
         item = None
-        if module.separate and module.item_tower.gates is not None:
+        if module.separate and module.item_tower is not None and module.item_tower.gates is not None:
             item = CostNormaliser(module.item_tower.shape.replace(seq_len=cfg.data.item_max_tokens))
         index = cfg.retrieval if cfg.retrieval.index != "exact" else None  # served through an index: its cost
         index_model = None
@@ -207,7 +223,7 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
     shard(len(split.eval_users), 0, _processes(cfg.train))  # more processes than evaluated users: one line
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.encoder))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = build_module(cfg)
+    module = build_module(cfg, n_catalog=split.n_items)
     check_lengths(cfg, module)
     if cfg.model.init_from:
         init_weights(module, cfg.model.init_from)
@@ -258,6 +274,7 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
             strategy=deepspeed_strategy(cfg.train) if cfg.train.strategy == "deepspeed" else cfg.train.strategy,
             precision=cfg.train.precision, gradient_clip_val=cfg.train.grad_clip or None,
             val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,
+            check_val_every_n_epoch=cfg.train.check_val_every_n_epoch,
             reload_dataloaders_every_n_epochs=1, logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
             default_root_dir=str(run_dir), deterministic=False,
@@ -278,6 +295,10 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
             _finish(trainer, "failed")
             raise
         fit_minutes = (time.perf_counter() - t0) / 60
+        stopped_by = _stopped_by(trainer, cfg)
+        if stopped_by == "time_cap":
+            print(f"warning: train.max_minutes={cfg.train.max_minutes} stopped training at step {trainer.global_step}"
+                  " (a safety cap, not a budget: this run's accuracy depends on the machine's speed)", file=sys.stderr)
         best = ckpt.best_model_path
         if cfg.train.strategy == "deepspeed":  # the ZeRO checkpoint -> a plain fp32 state dict (recipes/deepspeed)
             module = deepspeed_final_module(trainer, module, cfg, best)
@@ -296,6 +317,7 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
         best_score = ckpt.best_model_score  # None for a gated run (it keeps its final model)
         metrics = {"val": val.metrics, "best_val_ndcg@10": None if best_score is None else float(best_score),
                    "epochs": trainer.current_epoch, "steps": trainer.global_step, "train_minutes": fit_minutes,
+                   "stopped_by": stopped_by, "protocol": split.protocol,
                    "train_examples_per_s": speed.rate, "evaluated_users": int(len(val.users)),
                    "catalog_items": int(split.n_items)}
         if test:

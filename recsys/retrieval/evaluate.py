@@ -71,4 +71,17 @@ def evaluate(scorer: Scorer, split: Split, stage: str, batch_size: int = 256, de
             ranks.append(ranks_for_users(scorer(b), split, b, stage).cpu())
     r = torch.cat(ranks).numpy() if ranks else np.zeros(0)
     per_user = per_user_metrics(r)
-    return EvalResult(stage, users, r, per_user, summarize(per_user))
+    return EvalResult(stage, users, r, per_user, {**summarize(per_user), **warm_cold(split, users, stage, per_user)})
+
+
+def warm_cold(split: Split, users: np.ndarray, stage: str, per_user: dict[str, np.ndarray]) -> dict[str, float]:
+    """Under the cold-start protocol (`split.cold`), the metrics of users whose `stage` target is a warm item and
+    of those whose target is cold, apart ("warm/ndcg@10", "cold/ndcg@10", …, and their user counts); {} warm."""
+    if not len(split.cold):
+        return {}
+    cold = split.cold_mask()[split.target(stage)[users]]  # [U] the target is cold
+    out = {}
+    for part, rows in (("warm", ~cold), ("cold", cold)):
+        out.update({f"{part}/{k}": float(v[rows].mean()) if rows.any() else 0.0 for k, v in per_user.items()})
+        out[f"{part}/users"] = int(rows.sum())
+    return out

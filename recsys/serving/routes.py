@@ -29,13 +29,17 @@ def served_user_call(tower: torch.nn.Module, seq_len: int, route: str = "fp32",
 
 def sequence_user_call(tower: SequenceTower, n_history: int, n_items: int,
                        seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A sequence user tower at batch 1: `n_history` item vectors gathered from a cached catalog
-    [n_items, d_item] (unit vectors), then the small transformer over them."""
+    """A sequence user tower at batch 1: `n_history` item representations gathered from a cached catalog
+    [n_items, d_item] (unit vectors; the adaptor and ID embeddings applied offline, when the catalog is cached),
+    then the small transformer over them."""
     g = torch.Generator().manual_seed(seed)
     table = torch.nn.functional.normalize(torch.randn(n_items, tower.item_dim, generator=g), dim=-1)
     ids = torch.randint(0, n_items, (1, n_history), generator=g)  # [1, N]
     tower.eval()
-    return lambda: tower(*lookup(ids, table))
+    with torch.no_grad():  # offline: the catalog's representations (row i: item i; ID rows reused past the catalog)
+        n_ids = tower.item_ids.num_embeddings if tower.item_ids is not None else 1
+        keys = tower.represent(table, torch.arange(n_items) % n_ids)
+    return lambda: tower.encode(*lookup(ids, keys))
 
 
 def user_call(tower: torch.nn.Module, seq_len: int, n_items: int, route: str = "fp32",

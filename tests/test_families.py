@@ -1,0 +1,190 @@
+"""Issue 24: sequence towers that start where zero-shot ends, trained the way SASRec is; item representations and
+encoders; the cold-start protocol."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, tiny_run_args, train_run
+
+from recsys.config import ModelConfig
+from recsys.data.split import Split, hold_out_items
+from recsys.losses.catalog import CatalogSoftmaxLoss
+from recsys.models.sequence_tower import build_sequence_tower, lookup, mean_item_scorers, recent_items
+
+CAUSAL = ["model.user_tower=sequence", "model.freeze_item_tower=true", "model.sequence_items=8",
+          "model.sequence_hidden=16", "model.sequence_readout=mean_residual", "model.sequence_causal=true",
+          "train.objective=causal", "train.check_val_every_n_epoch=1"]
+
+
+def _split(n_items=30, n_users=12, seed=0) -> Split:
+    rng = np.random.default_rng(seed)
+    train = [rng.choice(n_items, size=int(rng.integers(3, 9)), replace=False) for _ in range(n_users)]
+    return Split(n_items, train, rng.integers(0, n_items, n_users), rng.integers(0, n_items, n_users))
+
+
+@pytest.mark.parametrize("extra", [{}, {"sequence_adaptor": True}, {"sequence_moe": 3},
+                                   {"item_representation": "text+id", "id_dropout": 0.5, "sequence_adaptor": True}])
+def test_a_mean_residual_tower_scores_like_the_zero_shot_mean_at_step_0(extra):
+    torch.manual_seed(0)
+    cfg = ModelConfig(user_tower="sequence", sequence_items=6, sequence_hidden=8, sequence_readout="mean_residual",
+                      sequence_causal=True, **extra)
+    items = F.normalize(torch.randn(30, 12), dim=-1)
+    tower = build_sequence_tower(cfg, 12, 6, n_catalog=30).eval()
+    split = _split()
+    users = split.eval_users
+    ids = recent_items([split.history(int(u), "test") for u in users], 6)
+    ours = tower(*lookup(ids, items), ids=ids)  # [U, d]
+    zero_shot = mean_item_scorers(items, split, 6, ("test",))["test"](users)  # [U, n_items]
+    assert torch.allclose(ours @ items.T, zero_shot, atol=1e-5)
+    # and it is not a constant: after a step of training the residual branch moves it
+    tower.train()
+    opt = torch.optim.SGD(tower.parameters(), lr=1.0)
+    h = tower.encode(*lookup(ids, tower.represent_catalog(items)), positions="all")
+    CatalogSoftmaxLoss()(h, tower.represent_catalog(items), ids, torch.tensor(0.1)).backward()
+    opt.step()
+    assert not torch.allclose(tower.eval()(*lookup(ids, items), ids=ids), ours, atol=1e-4)
+
+
+def test_a_causal_tower_does_not_read_the_future():
+    torch.manual_seed(0)
+    cfg = ModelConfig(user_tower="sequence", sequence_items=5, sequence_hidden=8, sequence_causal=True,
+                      sequence_readout="mean_residual")
+    tower = build_sequence_tower(cfg, 8, 5).eval()
+    with torch.no_grad():
+        tower.projection.weight.normal_()  # a live residual branch
+    x, mask = F.normalize(torch.randn(2, 5, 8), dim=-1), torch.ones(2, 5, dtype=torch.bool)
+    changed = x.clone()
+    changed[:, 3:] = F.normalize(torch.randn(2, 2, 8), dim=-1)
+    a, b = tower.encode(x, mask, positions="all"), tower.encode(changed, mask, positions="all")
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)  # positions 0-2 never see items 3-4
+    assert not torch.allclose(a[:, 3:], b[:, 3:], atol=1e-3)
+
+
+def test_catalog_softmax_is_cross_entropy_over_the_catalog_at_real_positions():
+    torch.manual_seed(0)
+    h, keys = F.normalize(torch.randn(2, 3, 4), dim=-1), F.normalize(torch.randn(6, 4), dim=-1)
+    targets = torch.tensor([[-1, 2, 5], [0, 1, -1]])
+    got = CatalogSoftmaxLoss()(h, keys, targets, torch.tensor(0.5))
+    logits = torch.stack([h[0, 1], h[0, 2], h[1, 0], h[1, 1]]) @ keys.T / 0.5
+    want = -torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor([2, 5, 0, 1])].mean()
+    assert torch.allclose(got, want, atol=1e-6)
+    excluded = torch.zeros(6, dtype=torch.bool)
+    excluded[3] = True  # a cold item: not even a negative
+    masked = CatalogSoftmaxLoss()(h, keys, targets, torch.tensor(0.5), excluded)
+    logits[:, 3] = float("-inf")
+    want = -torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor([2, 5, 0, 1])].mean()
+    assert torch.allclose(masked, want, atol=1e-6)
+
+
+def test_cold_items_never_appear_in_training_and_stay_targets():
+    split = _split(n_items=40, n_users=30)
+    cold = hold_out_items(split, 0.25, seed=1)
+    assert len(cold.cold) == 10
+    assert not np.isin(np.concatenate(cold.train), cold.cold).any()
+    assert (cold.val == split.val).all() and (cold.test == split.test).all()
+    assert "cold-start" in cold.protocol and "warm" in split.protocol
+    assert hold_out_items(split, 0.0) is split
+
+
+def test_causal_text_id_run_on_the_cold_split_reports_warm_and_cold(tmp_path, tiny_model, capsys):
+    run = train_run(tiny_run_args(tiny_model, tmp_path), tmp_path, "cold", *CAUSAL,
+                    "model.item_representation=text+id", "model.id_dropout=0.2", "data.cold_items=0.2")
+    err = capsys.readouterr().err
+    assert "no trained ID embedding" in err  # text+id on cold items: says what the model does
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stopped_by"] in ("budget", "early_stopping") and "cold-start (30 items" in m["protocol"]
+    t = m["test"]
+    assert t["warm/users"] + t["cold/users"] == m["evaluated_users"] and t["cold/users"] > 0
+    weighted = (t["warm/ndcg@10"] * t["warm/users"] + t["cold/ndcg@10"] * t["cold/users"]) / m["evaluated_users"]
+    assert weighted == pytest.approx(t["ndcg@10"], abs=1e-9)
+    # the cold items' ID embeddings were never trained: they are still zero
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    from recsys.config import load_config
+    from recsys.data.registry import load_data
+    _, split = load_data(load_config(run / "config.yaml").data)
+    ids = state["user_tower.item_ids.weight"]
+    assert ids[split.cold].abs().max() == 0 and ids.abs().sum() > 0
+    # and it reads back through `recsys evaluate` with the same metrics
+    from recsys.recipes.evaluate import evaluate_run
+    assert evaluate_run(run, "test", progress=False).metrics["ndcg@10"] == pytest.approx(t["ndcg@10"], abs=1e-6)
+
+
+def test_a_hugging_face_item_encoder_is_encoded_once_and_cached(tmp_path, tiny_model, capsys, monkeypatch):
+    from recsys.models.item_encoder import cache_meta, encode_catalog
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = ["a red apple", "the green pear in a bowl", "cat"]
+    mean = encode_catalog(tiny_model, texts, 16, "mean", progress=False)
+    assert torch.allclose(mean.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(mean, encode_catalog(tiny_model, texts, 16, "cls", progress=False))
+    last = encode_catalog(tiny_model, texts, 16, "last", progress=False)
+    meta = cache_meta(tiny_model, texts, 16, "last")
+    assert meta["n"] == 3 and meta["params"] > 0 and meta["flops_per_item"] > 0 and meta["items_per_s"] > 0
+    # the cached entry is read back (the same tensor), and an entry written for other texts is re-encoded
+    assert torch.equal(encode_catalog(tiny_model, texts, 16, "last", progress=False), last)
+    from recsys.models.item_encoder import cache_key, default_cache_dir
+    entry = default_cache_dir() / cache_key(tiny_model, texts, 16, "last", "fp32")
+    meta["texts_sha256"] = "0" * 64
+    (entry / "meta.json").write_text(json.dumps(meta))
+    again = encode_catalog(tiny_model, texts, 16, "last", progress=False)
+    assert "computed for other item texts" in capsys.readouterr().err
+    assert torch.allclose(again, last, atol=1e-6)
+
+
+def test_a_run_over_an_auto_item_encoder_trains_and_evaluates(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("RECSYS_CACHE_DIR", str(tmp_path / "cache"))
+    run = train_run(tiny_run_args(tiny_model, tmp_path), tmp_path, "auto", *CAUSAL,
+                    "model.item_encoder_backend=auto", f"model.item_encoder={tiny_model}", "model.item_pooling=cls")
+    m = json.loads((run / "metrics.json").read_text())
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("item_tower.") for k in state)  # the frozen HF encoder is not in the checkpoint
+    from recsys.recipes.evaluate import evaluate_run
+    assert evaluate_run(run, "test", progress=False).metrics["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"],
+                                                                                          abs=1e-6)
+
+
+def _cli(*args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, env={**__import__("os").environ, "RECSYS_CACHE_DIR": str(tmp_path / "c")})
+
+
+def test_bad_item_encoder_inputs_are_one_line(tmp_path, tiny_model):
+    base = ["train", *tiny_run_args(tiny_model, tmp_path), *CAUSAL, "model.item_encoder_backend=auto",
+            "tracking.run_name=bad"]
+    not_a_model = tmp_path / "weird"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    cases = {
+        "model.item_pooling=max": "item_pooling",
+        f"model.item_encoder={tmp_path / 'missing.gguf'}": "GGUF file not found",
+        f"model.item_encoder={not_a_model}": "item encoder",
+    }
+    for override, needle in cases.items():
+        r = _cli(*base, override, tmp_path=tmp_path)
+        assert r.returncode == 2, (override, r.stderr[-500:])
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, (override, r.stderr)
+        assert not (tmp_path / "results" / "runs" / "bad").exists()
+    r = _cli("train", *tiny_run_args(tiny_model, tmp_path), "train.objective=causal", tmp_path=tmp_path)
+    assert r.returncode == 2 and "train.objective=causal" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_families_benchmark_smoke(tmp_path, tiny_model):
+    out = tmp_path / "f.json"
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "families.py"), "--smoke", "--seeds", "0",
+                        "--encoders", "minilm", "--encoder", tiny_model, "--results", str(tmp_path / "results"),
+                        "--out", str(out), "--rounds", "2"], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    names = {(row["split"], row["name"]) for row in d["rows"]}
+    for split in ("warm", "cold"):
+        for name in ("ease", "itemknn", "sasrec", "zero_shot", "mean_minilm", "sequence_minilm_text",
+                     "sequence_minilm_text+id"):
+            assert (split, name) in names
+    assert "bar" in d and "cold_aim" in d and d["reference_model"]["name"]
+    cold = [row for row in d["rows"] if row["split"] == "cold"]
+    assert all("cold/ndcg@10" in row for row in cold)
