@@ -131,16 +131,16 @@ class ModelConfig:
     sequence_moe: int = 0  # sequence tower: UniSRec's whitening mixture of this many experts instead (0 = off)
     # last: the transformer's state at the newest item | mean_residual: the mean of the history's item vectors +
     # the transformer's state through a zero-initialised projection (step 0 = the zero-shot mean of item vectors)
-    sequence_readout: SequenceReadout = "last"
+    sequence_readout: SequenceReadout = "last"  # sequence tower: last | mean_residual (starts at the zero-shot mean)
     sequence_causal: bool = False  # sequence tower: causal attention (every position predicts its next item)
     # text: an item is its text vector (inductive: items unseen in training are scored) | text+id: + a learned ID
     # embedding per catalog item (transductive; UniSRec's fine-tuning setting), dropped with id_dropout in training
-    item_representation: ItemRepresentation = "text"
+    item_representation: ItemRepresentation = "text"  # sequence tower: text (inductive) | text+id (transductive)
     id_dropout: float = 0.0  # text+id: probability that an item's ID embedding is dropped in a training step
     # bert: the item tower is our BERT module (trainable, gateable) | auto: item_encoder is any Hugging Face model
     # (or mpnet / smollm2, fetched by `recsys encoders fetch`) loaded with AutoModel, frozen, the catalog embedded
     # once offline and cached (recsys/models/item_encoder.py); sequence user towers only
-    item_encoder_backend: ItemBackend = "bert"
+    item_encoder_backend: ItemBackend = "bert"  # bert (our module) | auto (any HF model, frozen, cached catalog)
     item_pooling: Pooling = "mean"  # auto backend: mean | cls | last (last token: decoder LLMs)
     item_dtype: ItemDtype = "fp32"  # auto backend: fp32 | bf16 item encoding
 
@@ -199,7 +199,7 @@ class TrainConfig:
     # (sequence towers with a frozen item tower): every position of each training sequence predicts its next item,
     # cross-entropy over the whole cached catalog (SASRec's recipe, Klenitskiy & Vasilev 2023); one pass = one
     # example per user
-    objective: Objective = "in_batch"
+    objective: Objective = "in_batch"  # in_batch (sampled softmax, log-q) | causal (every position, whole catalog)
     check_val_every_n_epoch: int = 1  # epochs between validations (with val_check_interval 1.0)
     checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation

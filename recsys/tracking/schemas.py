@@ -28,6 +28,10 @@ SCHEMAS: dict[str, tuple[list[str], tuple[str, list[str]] | None]] = {
     **{f"{d}_user_towers.json": (["rows", "dataset", "aim"],
                                  ("rows", ["name", "ndcg@10", "recall@10", "n_seeds", "train_minutes",
                                            "measured_ms_median"])) for d in ("ml100k", "ml1m")},
+    # issue 24: model families, warm and cold start (experiments/families.py)
+    **{f"{d}_families.json": (["rows", "dataset", "protocols", "hardware"],
+                              ("rows", ["name", "split", "ndcg@10", "recall@10", "n_seeds"]))
+       for d in ("ml100k", "ml1m", "amazon2018_Gift_Cards")},
     # issue 28: recsys serve under open-loop load (experiments/serve_load.py)
     "serve_load.json": (["slo_ms", "capacity_per_s", "unloaded", "dense", "fast", "front", "servers", "bar",
                          "hardware"],
