@@ -470,14 +470,16 @@ class SASRecConfig:
         _check_range(self, "weight_decay", 0.0, None)
 
 
+EASE_GRID = (1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)  # baselines.ease_lambdas default
+
+
 @dataclass
 class BaselinesConfig:
     """The matrix baselines (`recsys baselines`; recsys/retrieval/baselines.py)."""
 
     ease_max_items: int = 20000  # EASE^R refuses larger catalogs (N² memory, N³ time); ItemKNN stays sparse
-    # grid: EASE^R's L2 weight λ, chosen on validation (one fit per value: minutes each at ~17k items)
-    ease_lambdas: list[float] = field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
-                                                               2000.0, 5000.0])
+    # one EASE^R fit per value: minutes each at ~17k items
+    ease_lambdas: list[float] = field(default_factory=lambda: list(EASE_GRID))  # grid: EASE^R's λ, chosen on val
     itemknn_k: list[int] = field(default_factory=lambda: [50, 100, 200, 0])  # grid: ItemKNN neighbours (0 = all)
 
     def __post_init__(self):
