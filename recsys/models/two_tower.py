@@ -135,12 +135,16 @@ class TwoTowerModule(pl.LightningModule):
             distill, distill_terms = self.distiller(u, i, self.temperature, batch, student_hidden)
             loss = loss + share * distill
             terms.update(distill_terms)
+        return self.with_structure(loss, terms, u.shape[0])
+
+    def with_structure(self, loss: torch.Tensor, terms: dict, batch_size: int) -> torch.Tensor:
+        """A step's loss + the structure loss of gated towers under penalties or a budget, logged with its terms."""
         if self.user_costs is not None and not self.user_tower.gates.frozen:
             structure, cost_terms = self.structure_loss()
             loss = loss + structure
             terms.update(cost_terms)
-        self.log("train/loss", loss, prog_bar=True, batch_size=u.shape[0])
-        self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=u.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=batch_size)
         return loss
 
     def causal_step(self, batch: dict) -> torch.Tensor:
@@ -150,15 +154,9 @@ class TwoTowerModule(pl.LightningModule):
         emb, mask = lookup(batch["user_items"], keys)  # [B, N, d], [B, N]
         h = self.user_tower.encode(emb, mask, positions="all")  # [B, N, d] one prediction per position
         targets = batch["targets"].to(self.device)  # [B, N] next item ids, -1 = none
-        loss = task = self.catalog_loss(h, keys, targets, self.temperature, self.excluded)
-        terms = {"train/task_loss": task, "train/temperature": self.temperature}
-        if self.user_costs is not None and not self.user_tower.gates.frozen:
-            structure, cost_terms = self.structure_loss()
-            loss = loss + structure
-            terms.update(cost_terms)
-        self.log("train/loss", loss, prog_bar=True, batch_size=mask.shape[0])
-        self.log_dict({k: v.float() for k, v in terms.items()}, batch_size=mask.shape[0])
-        return loss
+        task = self.catalog_loss(h, keys, targets, self.temperature, self.excluded)
+        return self.with_structure(task, {"train/task_loss": task, "train/temperature": self.temperature},
+                                   mask.shape[0])
 
     def user_embeddings(self, batch: dict, catalog: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d] user embeddings of a batch: the text tower over its user texts, or the sequence tower over the
