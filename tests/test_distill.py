@@ -167,11 +167,12 @@ def test_distillation_bad_input(teacher_run, tmp_path, capsys):
 
 def test_teacher_with_another_tokenizer_is_refused(teacher_run, tmp_path, capsys):
     from transformers import BertConfig, BertModel, BertTokenizerFast
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "gift"]) + "\n")
+    # a plausible vocabulary of its own (the loader refuses implausibly small ones), not the student's
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "gift", "card", "is", "of", "and",
+             "to", "in", "for"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"w{i}" for i in range(100)]
     other = tmp_path / "other"
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(other)
-    BertModel(BertConfig(vocab_size=9, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(other)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(other)
     teacher, args, tmp = teacher_run
     args = [a for a in args if not a.startswith("model.encoder")]
