@@ -34,6 +34,7 @@ WandbMode = Literal["offline", "online", "disabled"]
 UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower family (recsys/models/sequence_tower.py)
 ItemRepresentation = Literal["text", "text+id"]  # model.item_representation: inductive text, or text + a learned ID
 SequenceReadout = Literal["last", "mean_residual"]  # model.sequence_readout: the newest state, or mean + residual
+SequenceScore = Literal["cosine", "dot"]  # model.sequence_score: unit vectors (cosine / τ), or raw dot products
 ItemBackend = Literal["bert", "auto"]  # model.item_encoder_backend: our BERT module, or any HF model, frozen
 Pooling = Literal["mean", "cls", "last"]  # model.item_pooling (auto backend): token states → one item vector
 ItemDtype = Literal["fp32", "bf16"]  # model.item_dtype (auto backend): the precision items are encoded in
@@ -133,6 +134,9 @@ class ModelConfig:
     # the transformer's state through a zero-initialised projection (step 0 = the zero-shot mean of item vectors)
     sequence_readout: SequenceReadout = "last"  # sequence tower: last | mean_residual (starts at the zero-shot mean)
     sequence_causal: bool = False  # sequence tower: causal attention (every position predicts its next item)
+    # cosine: user and item representations are unit vectors, score = cos / temperature | dot: neither is
+    # normalised, score = dot / temperature (SASRec's score: a vector's norm can carry an item's popularity)
+    sequence_score: SequenceScore = "cosine"  # sequence tower: cosine | dot (temperature then sets the start scale)
     # text: an item is its text vector (inductive: items unseen in training are scored) | text+id: + a learned ID
     # embedding per catalog item (transductive; UniSRec's fine-tuning setting), dropped with id_dropout in training
     item_representation: ItemRepresentation = "text"  # sequence tower: text (inductive) | text+id (transductive)
@@ -162,8 +166,9 @@ class ModelConfig:
         if self.sequence_moe and self.sequence_adaptor:
             raise ValueError("sequence_adaptor and sequence_moe: choose one item adaptor (MLP or whitening experts)")
         if self.user_tower == "text" and (self.item_representation != "text" or self.sequence_readout != "last"
-                                          or self.sequence_causal):
-            raise ValueError("item_representation / sequence_readout / sequence_causal shape a sequence user tower; "
+                                          or self.sequence_causal or self.sequence_score != "cosine"):
+            raise ValueError("item_representation / sequence_readout / sequence_causal / sequence_score shape a "
+                             "sequence user tower; "
                              "set model.user_tower=sequence")
         if self.item_encoder_backend == "auto" and not (self.user_tower == "sequence" and self.freeze_item_tower):
             raise ValueError("item_encoder_backend=auto: a Hugging Face item encoder is frozen under a sequence "
@@ -202,6 +207,7 @@ class TrainConfig:
     objective: Objective = "in_batch"  # in_batch (sampled softmax, log-q) | causal (every position, whole catalog)
     check_val_every_n_epoch: int = 1  # epochs between validations (with val_check_interval 1.0)
     checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
+    max_steps: int | None = None  # stop after this many optimisation steps (a budget in steps; None: the epochs)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation
     num_workers: int = 0  # DataLoader worker processes
     # 1 is the safe default: with another job on the cores, a small tower ran 16-60x slower with 2 threads than 1
@@ -225,7 +231,7 @@ class TrainConfig:
         _check_range(self, "num_workers", 0, None)
         _check_range(self, "early_stopping_patience", 0, None)
         _check_positive(self, "val_check_interval")
-        for k in ("examples_per_user", "max_minutes", "checkpoint_every_steps", "threads"):
+        for k in ("examples_per_user", "max_minutes", "checkpoint_every_steps", "threads", "max_steps"):
             if getattr(self, k) is not None:
                 _check_positive(self, k)
         _check_literals(self)
@@ -246,9 +252,11 @@ class TrackingConfig:
     wandb_group: str | None = None  # W&B run group (a sweep puts its trials in the study's group)
     progress_bar: bool = True  # Lightning's progress bar
     overwrite: bool = False  # replace a finished run of the same name (never one that is being written)
+    log_every_steps: int = 10  # training steps between logged training metrics (log/metrics.csv, W&B)
 
     def __post_init__(self):
         _check_literals(self)
+        _check_positive(self, "log_every_steps")
         if self.run_name is not None:
             check_folder_name(self.run_name, "run_name")
 
@@ -278,6 +286,13 @@ class CompressConfig:
     budget_warmup: float = 0.5  # fraction of training over which the target ramps from 1 to budget_target
     budget_tolerance: float = 0.05  # the run meets its budget if the final ratio <= target + tolerance
     lagrangian_lr: float = 0.05  # learning rate of the budget multipliers (gradient ascent)
+    # the fair schedule (budget mode): the target ramps over the first half of target_by (budget_warmup unused), the
+    # gates' and multipliers' learning rates are raised so a gate can close within the ramp, and from target_by on
+    # the structure is fixed while the rest of training recovers (with distillation, if distill: is set)
+    target_by: float | None = None  # fair schedule: expected cost at the target by this fraction of steps, then fixed
+    # prune-then-learn (budget mode): heads and FFN groups closed by importance as post-hoc pruning closes them, at
+    # the ratio whose cost meets budget_target; the gates then learn from that pattern, the target held from step 0
+    prune_init: bool = False  # gates start from post-hoc pruning at the budget target's cost, then learn
     item_weight: float = 1.0  # separate towers: weight of the item tower's params/FLOPs penalties (offline)
     freeze_gates: bool = False  # fixed structure (recovery fine-tuning of a gated run given as model.init_from)
     recovery: float = 0.0  # final fraction of training with the structure fixed: in-run recovery fine-tuning
@@ -314,6 +329,26 @@ class CompressConfig:
             raise ValueError(f"qat trains for int8 serving: set compress.precision=int8 (got {self.precision!r})")
         _check_positive(self, "ffn_group", "gate_lr", "lagrangian_lr")
         _check_range(self, "budget_warmup", 0.0, 1.0)
+        if self.target_by is not None:
+            if not 0 < self.target_by < 1:
+                raise ValueError(f"target_by must be in (0, 1) (a fraction of training steps), got {self.target_by}")
+            if self.budget_metric is None:
+                raise ValueError("target_by schedules the budget: set compress.budget_metric and budget_target")
+            if self.recovery:
+                raise ValueError(f"target_by fixes the structure from then on (recovery 1 - target_by); drop "
+                                 f"compress.recovery={self.recovery}")
+        if self.prune_init:
+            if self.prune_ratio is not None or self.freeze_gates:
+                raise ValueError("prune_init starts gates that learn from a pruned pattern; prune_ratio / "
+                                 "freeze_gates fix the structure instead")
+            if self.budget_metric is None:
+                raise ValueError("prune_init prunes to the budget target's cost: set compress.budget_metric and "
+                                 "budget_target")
+            if not set(self.gates) & {"heads", "ffn"}:
+                raise ValueError("prune_init needs head or FFN gates (compress.gates=[heads, ffn])")
+            if self.gate_init < 2.4:  # ẑ = clamp(1.2·σ(±gate_init) − 0.1, 0, 1) is exactly 1 / 0 from 2.4 on
+                raise ValueError(f"prune_init opens kept units at log α = gate_init and closes the rest at -gate_init:"
+                                 f" gate_init must be >= 2.4 for an exact pattern, got {self.gate_init}")
         if not 0 <= self.recovery < 1:
             raise ValueError(f"recovery must be in [0, 1) (a fraction of training), got {self.recovery}")
         if self.recovery and not self.gates:

@@ -49,6 +49,34 @@ def test_a_mean_residual_tower_scores_like_the_zero_shot_mean_at_step_0(extra):
     assert not torch.allclose(tower.eval()(*lookup(ids, items), ids=ids), ours, atol=1e-4)
 
 
+def test_a_dot_score_tower_ranks_like_the_mean_at_step_0_and_learns_norms():
+    """model.sequence_score=dot: nothing is re-normalised, so at step 0 the scores are the zero-shot mean's up to
+    each user's positive scale (the same ranking), and training may give items norms other than 1."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(user_tower="sequence", sequence_items=6, sequence_hidden=8, sequence_readout="mean_residual",
+                      sequence_causal=True, sequence_adaptor=True, sequence_score="dot")
+    items = F.normalize(torch.randn(30, 12), dim=-1)
+    tower = build_sequence_tower(cfg, 12, 6).eval()
+    split = _split()
+    users = split.eval_users
+    ids = recent_items([split.history(int(u), "test") for u in users], 6)
+    ours = tower(*lookup(ids, items)) @ items.T  # [U, n_items]
+    zero_shot = mean_item_scorers(items, split, 6, ("test",))["test"](users)  # [U, n_items] cosine scores
+    scale = ours.norm(dim=-1, keepdim=True) / zero_shot.norm(dim=-1, keepdim=True)  # [U, 1]
+    assert torch.allclose(ours, zero_shot * scale, atol=1e-5) and (scale > 0).all()
+    assert not torch.allclose(scale, torch.ones_like(scale))  # a mean of unit vectors is shorter than 1: not cosine
+    tower.train()
+    opt = torch.optim.SGD(tower.parameters(), lr=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        keys = tower.represent_catalog(items)
+        h = tower.encode(*lookup(ids, keys), positions="all")
+        CatalogSoftmaxLoss()(h, keys, ids, torch.tensor(0.1)).backward()
+        opt.step()
+    norms = tower.eval().represent_catalog(items).norm(dim=-1)
+    assert (norms - 1).abs().max() > 1e-3
+
+
 def test_a_causal_tower_does_not_read_the_future():
     torch.manual_seed(0)
     cfg = ModelConfig(user_tower="sequence", sequence_items=5, sequence_hidden=8, sequence_causal=True,

@@ -66,12 +66,15 @@ class SequenceTower(nn.Module):
     transformer's state through a zero-initialised projection — so at step 0 the tower is the zero-shot model
     (the mean of the history's item vectors, `mean_item_scorers`) and training can only add to it.
     `causal`: each position attends only to itself and older items (SASRec), so every position's output is a
-    prediction of its next item (`train.objective=causal`)."""
+    prediction of its next item (`train.objective=causal`).
+    `score`: `cosine` re-normalises item representations and user vectors (score = cos / τ); `dot` leaves both as
+    they are (score = dot / τ, SASRec's: an item's norm can carry its popularity, which unit vectors cannot)."""
 
     def __init__(self, encoder: BertEncoder, item_dim: int, projection_dim: int | None = None,
                  adaptor: bool = False, *, moe: int = 0, readout: str = "last", causal: bool = False,
-                 n_catalog: int = 0, id_dropout: float = 0.0):
+                 n_catalog: int = 0, id_dropout: float = 0.0, score: str = "cosine"):
         super().__init__()
+        self.unit = score == "cosine"
         H = encoder.shape.hidden
         self.encoder, self.item_dim = encoder, item_dim
         self.readout, self.causal, self.id_dropout = readout, causal, id_dropout
@@ -131,7 +134,7 @@ class SequenceTower(nn.Module):
             if self.training and self.id_dropout:
                 e = e * (torch.rand(e.shape[:-1] + (1,), device=e.device) >= self.id_dropout)
             x = x + e
-        return F.normalize(x, dim=-1)  # [..., d_item]
+        return F.normalize(x, dim=-1) if self.unit else x  # [..., d_item]
 
     def represent_catalog(self, items: torch.Tensor) -> torch.Tensor:
         """[n_items, d_item] representations of a whole catalog [n_items, d_item] (row i = item i)."""
@@ -178,7 +181,7 @@ class SequenceTower(nn.Module):
             counts = m.cumsum(1).clamp(min=1.0)[..., None]  # [B, N, 1]
             mean = reps.cumsum(1) / counts  # [B, N, d_item]
             h = h + (mean if positions == "all" else mean[:, -1:])
-        h = F.normalize(h.float(), dim=-1)  # [B, ·, d]
+        h = F.normalize(h.float(), dim=-1) if self.unit else h.float()  # [B, ·, d]
         return h if positions == "all" else h[:, 0]  # [B, N, d] or [B, d]
 
 
@@ -204,7 +207,8 @@ def build_sequence_tower(cfg: ModelConfig, item_dim: int, n_items: int,
         raise RecsysError("model.item_representation=text+id: the tower needs the catalog size (an ID per item)")
     tower = SequenceTower(enc, item_dim, item_dim if H != item_dim else None, cfg.sequence_adaptor,
                           moe=cfg.sequence_moe, readout=cfg.sequence_readout, causal=cfg.sequence_causal,
-                          n_catalog=n_catalog if with_ids else 0, id_dropout=cfg.id_dropout)
+                          n_catalog=n_catalog if with_ids else 0, id_dropout=cfg.id_dropout,
+                          score=cfg.sequence_score)
     gates = compress.gates if compress is not None else []
     if "output" in gates:
         raise RecsysError("compress.gates: 'output' gates the user embedding's dims, which a sequence tower shares "
