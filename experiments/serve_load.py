@@ -36,10 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,78 +49,39 @@ from recsys.efficiency.latency import exclusive
 from recsys.errors import RecsysError
 from recsys.recipes.serve import front_order, parse_run
 from recsys.runs import run_config, run_paths
+from recsys.serving.client import HOST, ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only
 K = 10
 
 
 # --- a server process -----------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+START_S = 900  # bound on a server's start-up (loading every run of the front), not a measurement
 
 
-class ServerProcess:
-    """`recsys serve` in its own process on 127.0.0.1 (stderr to a log file), stopped by SIGTERM (drained)."""
-
-    def __init__(self, runs: list[str], flags: list[str], log_dir: Path, name: str, start_s: float = 900):
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "recsys.cli", "serve", *runs, "--port", str(self.port), *flags]
-        print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + start_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RecsysError(f"{name}: the server exited ({self.proc.returncode}); see {self.log_path}")
-            if http_get(self.port, "/health")[0] == 200:
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RecsysError(f"{name}: the server did not answer /health within {start_s:g} s; see {self.log_path}")
-
-    def metrics(self) -> dict:
-        status, body = http_get(self.port, "/metrics")
-        return body if status == 200 else {}
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+def start_server(runs: list[str], flags: list[str], log_dir: Path, name: str) -> ServerProcess:
+    """`recsys serve RUNS FLAGS` on 127.0.0.1 (its output in LOG_DIR/NAME.log), once /health answers 200."""
+    server = ServerProcess([*runs, *flags], log_dir / f"{name}.log", name=name, cwd=REPO, request_timeout_s=10)
+    print(f"== {name}: {' '.join(server.command[2:])}", flush=True)
+    server.wait_healthy(START_S, poll_s=0.5)
+    return server
 
 
-def http_get(port: int, path: str) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
+def metrics(server: ServerProcess) -> dict:
+    """The server's /metrics ({} when it does not answer)."""
     try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {}
+        status, body = server.get("/metrics")
     except OSError:
-        return 0, {}
-    try:
-        return status, json.loads(raw)
-    except ValueError:  # /health answers plain text
-        return status, {"text": raw.decode(errors="replace")}
+        return {}
+    return body if status == 200 else {}
 
 
 def wait_idle(server: ServerProcess, timeout_s: float) -> bool:
     """Until the server has nothing in flight (bounded)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.metrics().get("in_flight", 1) == 0:
+        if metrics(server).get("in_flight", 1) == 0:
             return True
         time.sleep(0.2)
     return False
@@ -350,8 +307,7 @@ def main(argv=None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="serve-load-"))
     with exclusive():
         # 2. the dense server unloaded: p50 / p99 / NDCG as served, the SLO, its capacity
-        server = ServerProcess(configs["dense"], flags, log_dir, "dense")
-        try:
+        with start_server(configs["dense"], flags, log_dir, "dense") as server:
             n_unloaded = args.unloaded_requests or len(users)
             sequential(server.port, users[:min(10, len(users))], args.client_timeout_s)  # warm-up, not counted
             base = sequential(server.port, users[:n_unloaded], args.client_timeout_s)
@@ -369,16 +325,11 @@ def main(argv=None) -> int:
             print(f"dense unloaded p50 {out['unloaded']['p50_ms']:.1f} ms, p99 {out['unloaded']['p99_ms']:.1f} ms, "
                   f"NDCG@10 {out['unloaded']['ndcg@10']:.4f}; SLO {slo:.1f} ms; capacity {capacity:.1f}/s", flush=True)
             out["servers"]["dense"] = serve_rates(server, users, targets, rates, capacity, args, slo, rng)
-        finally:
-            server.stop()
         # 3. the fast run alone and the switching server over the front
         for name in ("fast", "switching"):
-            server = ServerProcess(configs[name], [*flags, "--slo-ms", f"{slo:.3f}"], log_dir, name)
-            try:
+            with start_server(configs[name], [*flags, "--slo-ms", f"{slo:.3f}"], log_dir, name) as server:
                 sequential(server.port, users[:min(10, len(users))], args.client_timeout_s)
                 out["servers"][name] = serve_rates(server, users, targets, rates, capacity, args, slo, rng)
-            finally:
-                server.stop()
     ref = out["unloaded"]["per_user_ndcg@10"]
     for v in out["servers"].values():
         for r in v["rates"]:  # the dense model's unloaded NDCG@10 over the same users (the replay order's first n)
@@ -399,7 +350,7 @@ def serve_rates(server: ServerProcess, users, targets, rates, capacity, args, sl
         print(f"  {x:g}× ({r['offered_per_s']:.1f}/s): achieved {r['achieved_per_s'] or 0:.1f}/s, p99 "
               f"{r['p99_ms']:.1f} ms, over SLO {100 * r['over_slo_share']:.1f}%, effective NDCG@10 "
               f"{r['effective_ndcg@10']:.4f}, served by {r['model_share']}", flush=True)
-    m = server.metrics()
+    m = metrics(server)
     return {"rates": rows, "switches": m.get("controller", {}).get("switches", []), "metrics": m}
 
 

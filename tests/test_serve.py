@@ -6,16 +6,14 @@ Nothing asserts a duration: counts, statuses, answers and the switch log only. I
 thresholds they must cross (a tiny BERT answers in milliseconds; the delay is hundreds)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +21,14 @@ import pytest
 import torch
 
 from recsys.cli import main
+from recsys.errors import RecsysError
+from recsys.serving.client import ServerProcess
 from recsys.serving.controller import Controller, ControllerSettings
 from recsys.serving.requests import Catalog, RequestError, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
 START_S = 240  # bound on a server's start-up (loading two tiny runs), not a measurement
+_SERVERS = itertools.count()  # names this process's server logs
 
 
 # --- the controller, with injected latencies ------------------------------------------------------------------
@@ -171,67 +172,18 @@ def runs(tmp_path_factory, tiny_model):
     return train_run(args, root, "a"), train_run(args, root, "b", "data.user_max_tokens=16", "train.seed=1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`recsys serve …` as a real process on 127.0.0.1, its stderr kept."""
+class Server(ServerProcess):
+    """`recsys serve …` as a real process on 127.0.0.1 (one torch thread, offline), up once /health answers."""
 
     def __init__(self, *argv: str):
-        self.port = free_port()
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-serve-{self.port}.log", "w+")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", *argv, "--port", str(self.port),
-                                      "--threads", "1"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise AssertionError(f"server did not come up: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def _call(self, req: urllib.request.Request) -> tuple[int, dict]:
+        log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+        super().__init__([*argv, "--threads", "1"], log_dir / f"recsys-serve-{os.getpid()}-{next(_SERVERS)}.log",
+                         cwd=REPO, env=env)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                raw = r.read()
-                status = r.status
-        except urllib.error.HTTPError as e:
-            raw, status = e.read(), e.code
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, {"text": raw.decode()}
-
-    def get(self, path: str) -> tuple[int, dict]:
-        return self._call(urllib.request.Request(f"http://127.0.0.1:{self.port}{path}"))
-
-    def post(self, body: bytes | dict, content_type: str = "application/json") -> tuple[int, dict]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return self._call(urllib.request.Request(f"http://127.0.0.1:{self.port}/predict", data=data,
-                                                 headers={"Content-Type": content_type}))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+            self.wait_healthy(START_S)
+        except RecsysError as e:
+            raise AssertionError(f"{e}\n{self.output()}") from None
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +191,17 @@ def server(runs):
     s = Server(*(str(r) for r in runs), "--slo-ms", "60000", "--max-batch", "4", "--batch-timeout-ms", "5")
     yield s
     s.stop()
+
+
+def test_server_process_that_dies_is_one_line_naming_its_log(tmp_path):
+    """A server that exits before /health (a run folder that does not exist): one RecsysError line naming the log."""
+    log = tmp_path / "serve.log"
+    with ServerProcess([str(tmp_path / "missing-run")], log, name="bad", cwd=REPO) as s:
+        with pytest.raises(RecsysError) as e:
+            s.wait_healthy(START_S)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("bad: the server exited (2)") and str(log) in msg, msg
+        assert s.proc.poll() == 2 and "error: " in s.output()
 
 
 def offline_topk(run: Path, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +233,7 @@ def test_answers_equal_the_offline_evaluations_top_k(server, runs):
     answers = {}
 
     def ask(u):
-        answers[u] = server.post({"user": ds.user_ids[u], "k": 10})
+        answers[u] = server.post("/predict", {"user": ds.user_ids[u], "k": 10})
 
     threads = [threading.Thread(target=ask, args=(int(u),)) for u in users]  # concurrent: batches form
     for t in threads:
@@ -285,7 +248,7 @@ def test_answers_equal_the_offline_evaluations_top_k(server, runs):
     # the same user with the history given explicitly (item ids): the same answer
     u = int(users[0])
     history = [ds.item_ids[i] for i in split.history(u, "test")]
-    status, body = server.post({"user": ds.user_ids[u], "history": history, "k": 3})
+    status, body = server.post("/predict", {"user": ds.user_ids[u], "history": history, "k": 3})
     assert status == 200 and body["items"] == [ds.item_ids[i] for i in ids[0][:3]]
     status, metrics = server.get("/metrics")
     assert metrics["models"][first]["served"] >= len(users) + 1 and metrics["models"][first]["p99_ms"] > 0
@@ -299,12 +262,12 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
            (json.dumps({"user": user, "history": ["no-such-item"]}).encode(), 422),
            (b'{"user": "' + b"x" * 70000 + b'"}', 413)]
     for body, expected in bad:
-        status, answer = server.post(body)
+        status, answer = server.post("/predict", body)
         assert status == expected, (body[:40], status, answer)
         assert isinstance(answer.get("detail"), str) and "\n" not in answer["detail"]
-    assert server.post(b'{"user": "u1"}', content_type="application/x-www-form-urlencoded")[0] == 200
+    assert server.post("/predict", b'{"user": "u1"}', content_type="application/x-www-form-urlencoded")[0] == 200
     assert server.get("/predict")[0] == 405
-    status, body = server.post({"user": user, "k": 2})
+    status, body = server.post("/predict", {"user": user, "k": 2})
     assert status == 200 and len(body["items"]) == 2
     status, metrics = server.get("/metrics")
     by = metrics["requests"]["by_status"]
@@ -322,12 +285,12 @@ def test_controller_switches_under_an_injected_delay_and_back(runs, server):
     try:
         served = []
         for _ in range(3):
-            status, body = s.post({"user": "u1", "k": 5})
+            status, body = s.post("/predict", {"user": "u1", "k": 5})
             assert status == 200
             served.append(body["model"])
         assert served == [slow] * 3
         for _ in range(12):
-            status, body = s.post({"user": "u1", "k": 5})
+            status, body = s.post("/predict", {"user": "u1", "k": 5})
             served.append(body["model"])
             if len(served) > 4 and body["model"] == slow:
                 break
@@ -339,7 +302,8 @@ def test_controller_switches_under_an_injected_delay_and_back(runs, server):
         log = s.output()
         assert f"switch {slow} → {fast}" in log and f"switch {fast} → {slow}" in log
         # through faiss (flat) the run answers as the exact server does
-        assert s.post({"user": "u3", "k": 4})[1] == server.post({"user": "u3", "k": 4})[1]
+        query = {"user": "u3", "k": 4}
+        assert s.post("/predict", query)[1] == server.post("/predict", query)[1]
     finally:
         assert s.stop() == 0, s.output()
 
@@ -348,7 +312,7 @@ def test_sigterm_drains_requests_in_flight(runs):
     s = Server(str(runs[0]), "--inject-delay-ms", "a=1500")
     try:
         results = []
-        threads = [threading.Thread(target=lambda: results.append(s.post({"user": "u1", "k": 3})))
+        threads = [threading.Thread(target=lambda: results.append(s.post("/predict", {"user": "u1", "k": 3})))
                    for _ in range(3)]
         for t in threads:
             t.start()
@@ -362,7 +326,8 @@ def test_sigterm_drains_requests_in_flight(runs):
             if s.get("/health")[0] == 503:
                 break
             time.sleep(0.01)
-        status, body = s.post({"user": "u1", "k": 3})  # the first request takes 1.5 s, the last 4.5 s: still draining
+        # the first request takes 1.5 s, the last 4.5 s: still draining
+        status, body = s.post("/predict", {"user": "u1", "k": 3})
         assert status == 503 and "shutting down" in body["detail"]
         for t in threads:
             t.join(timeout=120)
