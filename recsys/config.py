@@ -286,9 +286,10 @@ class CompressConfig:
     budget_warmup: float = 0.5  # fraction of training over which the target ramps from 1 to budget_target
     budget_tolerance: float = 0.05  # the run meets its budget if the final ratio <= target + tolerance
     lagrangian_lr: float = 0.05  # learning rate of the budget multipliers (gradient ascent)
-    # the fair schedule (budget mode): the target ramps over the first half of target_by (budget_warmup unused), the
-    # gates' and multipliers' learning rates are raised so a gate can close within the ramp, and from target_by on
-    # the structure is fixed while the rest of training recovers (with distillation, if distill: is set)
+    # the fair schedule (budget mode): the target ramps from the starting cost over the first half of target_by
+    # (budget_warmup unused) and is held for the second; after every step the gates are shifted together onto it
+    # (the Lagrangian and the task decide which units close), at target_by the hard shape is brought to the target
+    # and fixed, and the rest of training recovers (with distillation, if distill: is set)
     target_by: float | None = None  # fair schedule: expected cost at the target by this fraction of steps, then fixed
     # prune-then-learn (budget mode): heads and FFN groups closed by importance as post-hoc pruning closes them, at
     # the ratio whose cost meets budget_target; the gates then learn from that pattern, the target held from step 0

@@ -164,6 +164,21 @@ def read_per_user(path: str | Path, metric: str) -> dict[str, float]:
     return {r["user"]: float(r[metric]) for r in rows}
 
 
+def training_log(run: str | Path, keys: tuple[str, ...]) -> list[dict[str, float]]:
+    """The rows of a run's CSV training log (`log/metrics.csv`, one every `tracking.log_every_steps` steps) that
+    carry every one of `keys`, as {"step", *keys} floats in step order; e.g. a budget run's expected cost ratio
+    ("cost/user_latency") and ramped target ("budget/target") per step, up to where its structure was fixed."""
+    path = Path(run) / "log" / "metrics.csv"
+    if not path.is_file():
+        raise RecsysError(f"training log not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not set(keys) <= set(rows[0]):
+        raise RecsysError(f"{path}: no column {', '.join(sorted(set(keys) - set(rows[0])))}")
+    out = [{"step": float(r["step"]), **{k: float(r[k]) for k in keys}} for r in rows if all(r[k] for k in keys)]
+    return sorted(out, key=lambda r: r["step"])
+
+
 def check_lengths(cfg: RunConfig, module) -> None:
     """Token budgets within what the encoders can read (their position embeddings)."""
     users = () if module.sequence else (("user_max_tokens", module.user_tower),

@@ -19,6 +19,12 @@ Wang, Wohlwend & Lei 2020): for one cost ratio r and a target t,
 where the multipliers λ1, λ2 are trained by gradient *ascent* (they grow while the constraint is violated) and
 the target t' is ramped linearly from 1 (dense) to t over the first `warmup` fraction of training.
 
+The fair schedule (`compress.target_by`, issue 27): the expected cost is to reach t by a fraction b of the training
+steps, after which the structure is fixed and the rest of training recovers. The ramp then spans b/2, from the
+gates' starting cost (`from_start`), and the target is held for the other half; the gates are projected onto t'
+after every step (`recsys.models.gates.project_expected_cost`), so the schedule does not depend on how fast the
+multipliers happen to grow on a given model.
+
 Example:
     >>> costs = CostNormaliser(user_shape, n_items=1682)            # dense references computed once
     >>> ratios = costs(gates.soft_shape())                           # {"params": r_p, "flops": r_f, ...}
@@ -103,9 +109,11 @@ class PenaltyLoss(nn.Module):
 class BudgetLoss(nn.Module):
     """CoFi's Lagrangian λ1·(r − t') + λ2·(r − t')² for one metric, multipliers ascended by their gradient.
 
-    `forward(ratio, progress)` takes the cost ratio r and the fraction of training done (for the ramp of t')."""
+    `forward(ratio, progress)` takes the cost ratio r and the fraction of training done (for the ramp of t').
+    `from_start`: t' ramps from the ratio of the first step (the gates' starting cost, kept with the checkpoint)
+    instead of from 1, so a start below 1 is not first pushed back up to it."""
 
-    def __init__(self, metric: str, target: float, warmup: float = 0.5):
+    def __init__(self, metric: str, target: float, warmup: float = 0.5, from_start: bool = False):
         super().__init__()
         if metric not in METRICS:
             raise ValueError(f"budget metric: unknown {metric!r} (expected {', '.join(METRICS)})")
@@ -116,11 +124,18 @@ class BudgetLoss(nn.Module):
         self.lambda2 = nn.Parameter(torch.zeros(()))
         for p in (self.lambda1, self.lambda2):
             p.register_hook(torch.neg)  # gradient ascent on the multipliers with any minimising optimizer
+        if from_start:
+            self.register_buffer("start", torch.tensor(float("nan")))  # the first step's ratio
+        self.from_start = from_start
 
     def current_target(self, progress: float) -> float:
         ramp = min(1.0, progress / self.warmup) if self.warmup > 0 else 1.0
-        return 1.0 - (1.0 - self.target) * ramp
+        start = float(self.start) if self.from_start and not torch.isnan(self.start) else 1.0
+        start = max(start, self.target)
+        return start - (start - self.target) * ramp
 
     def forward(self, ratio: torch.Tensor, progress: float) -> torch.Tensor:
+        if self.from_start and torch.isnan(self.start):
+            self.start.fill_(float(ratio.detach()))
         gap = ratio - self.current_target(progress)
         return self.lambda1 * gap + self.lambda2 * gap * gap

@@ -16,6 +16,7 @@ takes; units with ẑ > 0 form the hard shape. Gates start at log α = `init` (3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -125,11 +126,12 @@ class TowerGates(nn.Module):
         self.requires_grad_(False)
 
     @torch.no_grad()
-    def set_mask(self, keep: dict[str, torch.Tensor]) -> None:
-        """Open (log α = +10, ẑ = 1) or close (−10, ẑ = 0) units from boolean masks of the gated kinds'
-        shapes (heads [n_layers, n_heads], ffn [n_layers, ffn_dense / ffn_group], ...)."""
+    def set_mask(self, keep: dict[str, torch.Tensor], value: float = 10.0) -> None:
+        """Open (log α = +value; ẑ = 1 for value ≥ 2.4) or close (−value, ẑ = 0) units from boolean masks of the
+        gated kinds' shapes (heads [n_layers, n_heads], ffn [n_layers, ffn_dense / ffn_group], ...). At 10 the
+        pattern is fixed in practice (no gradient reaches it); at a smaller value (prune-then-learn) it can move."""
         for name, mask in keep.items():
-            getattr(self, name).log_alpha.copy_(torch.where(mask, 10.0, -10.0))
+            getattr(self, name).log_alpha.copy_(torch.where(mask, value, -value))
 
     def hard_shape(self) -> Shape:
         """The compact shape: units with deterministic gate > 0, sublayers whose block gate is open."""
@@ -143,6 +145,79 @@ class TowerGates(nn.Module):
         if out == 0:
             raise ValueError("gates closed every output dimension; the tower has no embedding left")
         return self.base.replace(layers=tuple(layers), output_dim=out)
+
+
+class _Shift:
+    """Every gated kind's log α moved by one common offset from where they stood when this was made."""
+
+    def __init__(self, gates: TowerGates):
+        self.params = [g.log_alpha for g in (gates.heads, gates.ffn, gates.attn_block, gates.ffn_block, gates.output)
+                       if g is not None]
+        self.start = [p.detach().clone() for p in self.params]
+
+    def __call__(self, delta: float) -> None:
+        for p, s in zip(self.params, self.start, strict=True):
+            p.copy_(s + delta)
+
+
+def _boundary(within: Callable[[float], bool], lo: float = -30.0, hi: float = 30.0, iterations: int = 40) -> float:
+    """The largest δ in [lo, hi] with `within(δ)` (true below some point, false above it): bisection."""
+    if within(hi):
+        return hi
+    for _ in range(iterations):  # invariant: within(lo) or lo is the bound, not within(hi)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo
+
+
+@torch.no_grad()
+def project_expected_cost(gates: TowerGates, cost: Callable[[SoftShape], float], target: float,
+                          base: Shape | None = None) -> float | None:
+    """Shift every gated kind's log α by one common offset δ so that the expected cost `cost(soft shape)` (at
+    `base`'s run conditions) is `target`; the relative log α, which units are kept first, are unchanged. The cost
+    grows with δ; δ is found by bisection on [−30, 30]. Returns δ: 0 (nothing changed) when every gate open is
+    within `target`, None (nothing changed) when every gate closed (δ = −30) still costs more."""
+    shift = _Shift(gates)
+
+    def within(delta: float) -> bool:
+        shift(delta)
+        return cost(gates.soft_shape(base)) <= target
+
+    if within(30.0):  # every gate open is within the target
+        shift(0.0)
+        return 0.0
+    if not within(-30.0):
+        shift(0.0)
+        return None
+    delta = _boundary(within)
+    shift(delta)
+    return delta
+
+
+@torch.no_grad()
+def project_hard_cost(gates: TowerGates, cost: Callable[[Shape], float], target: float) -> float | None:
+    """Shift every gated kind's log α by the largest common δ in [−30, 30] whose hard shape costs at most `target`
+    by `cost` (a ratio to dense): the structure about to be fixed spends the budget as the expected cost did,
+    sublayer rounding included (a half-open sublayer gate in the expectation is all or nothing in the hard shape).
+    None (nothing changed) when no valid shape reaches the target."""
+    shift = _Shift(gates)
+
+    def within(delta: float) -> bool:
+        shift(delta)
+        try:
+            return cost(gates.hard_shape()) <= target
+        except ValueError:  # every output dim closed: no embedding left (below any reachable target)
+            return True
+
+    delta = _boundary(within)
+    shift(delta)
+    try:
+        if cost(gates.hard_shape()) <= target:
+            return delta
+    except ValueError:
+        pass
+    shift(0.0)
+    return None
 
 
 def gates_for(shape: Shape, compress: CompressConfig | None) -> TowerGates | None:

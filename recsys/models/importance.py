@@ -13,10 +13,20 @@ groups, whole sublayers, output dims — is scored with a mask of its own, and e
 unit's rank within its kind, evenly over [init − spread/2, init + spread/2]. At step 0 the gates then order the
 units as post-hoc pruning would, while the penalty or budget decides how many to remove: the gradient of the
 open probability σ(log α + 1.6) is largest for the lowest log α, so the least important units close first.
+
+Prune-then-learn (`compress.prune_init`) starts the gates where post-hoc pruning ends: heads and FFN groups closed
+by the same ranking, at the smallest ratio whose hard shape meets the budget target (`prune_to_cost`), with log α at
+±`gate_init` instead of ±10 so that the budget's gradients can still move them: the search refines what the
+importance ranking chose.
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
+
+from recsys.efficiency.shape import Shape
 
 GATE_NAMES = ("heads", "ffn", "attn_block", "ffn_block", "output")
 
@@ -60,6 +70,47 @@ def prune_by_importance(module, batches, ratio: float) -> dict[str, int]:
             tower.gates.set_mask(masks)
             tower.gates.freeze()
     return {k: int(m.sum()) for k, m in masks.items()}
+
+
+def pruned_at(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """Post-hoc pruning's keep masks at `ratio`, for the head and FFN scores among `scores`."""
+    return {k: keep_mask(v, ratio) for k, v in scores.items() if k in ("heads", "ffn")}
+
+
+def ratio_for_cost(gates, scores: dict[str, torch.Tensor], cost: Callable[[Shape], float], target: float,
+                   iterations: int = 40) -> float:
+    """The smallest pruning ratio whose hard shape (`gates` with post-hoc's masks at that ratio) costs at most
+    `target` by `cost` (a cost ratio to dense, non-increasing in the ratio); the largest ratio (one head and one
+    FFN group kept) if none does. Bisection on a copy of the gates; the gates themselves are not changed."""
+    trial = copy.deepcopy(gates)
+
+    def shape_cost(ratio: float) -> float:
+        trial.set_mask(pruned_at(scores, ratio))
+        return cost(trial.hard_shape())
+
+    lo, hi = 0.0, 1.0 - 1e-9
+    if shape_cost(lo) <= target:
+        return lo
+    if shape_cost(hi) > target:
+        return hi
+    for _ in range(iterations):  # invariant: cost(lo) > target >= cost(hi)
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if shape_cost(mid) <= target else (mid, hi)
+    return hi
+
+
+@torch.no_grad()
+def prune_to_cost(module, scores: dict[str, torch.Tensor], cost: Callable[[Shape], float], target: float,
+                  value: float) -> tuple[float, dict[str, int]]:
+    """Prune-then-learn: close the heads and FFN groups post-hoc pruning closes at the smallest ratio meeting
+    `target` (`ratio_for_cost`), on every gated tower as `prune_by_importance` does, with log α ±`value` (the
+    gates keep learning). Returns the ratio and how many units of each kind were kept."""
+    ratio = ratio_for_cost(module.user_tower.gates, scores, cost, target)
+    masks = pruned_at(scores, ratio)
+    for tower in {id(t): t for t in (module.user_tower, module.item_tower) if t is not None}.values():
+        if tower.gates is not None:
+            tower.gates.set_mask(masks, value)
+    return ratio, {k: int(m.sum()) for k, m in masks.items()}
 
 
 def rank_log_alpha(scores: torch.Tensor, init: float, spread: float) -> torch.Tensor:

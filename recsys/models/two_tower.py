@@ -23,7 +23,7 @@ from recsys.losses.contrastive import InBatchSoftmaxLoss
 from recsys.losses.gather import false_negatives, gather_items, world
 from recsys.losses.penalties import BudgetLoss, CostNormaliser, PenaltyLoss
 from recsys.models.encoder import BertEncoder, resolve_model_path
-from recsys.models.gates import gates_for
+from recsys.models.gates import gates_for, project_expected_cost, project_hard_cost
 from recsys.models.item_encoder import item_encoder_dim
 from recsys.models.sequence_tower import build_sequence_tower, lookup
 from recsys.models.teacher import Distiller, capture_hidden
@@ -92,7 +92,14 @@ class TwoTowerModule(pl.LightningModule):
         self.item_cache: torch.Tensor | None = None
         self.excluded: torch.Tensor | None = None  # [n_items] bool: cold-start items no training step may see
         self.penalty = PenaltyLoss(c.lambda_params, c.lambda_flops, c.lambda_latency)
-        self.budget = BudgetLoss(c.budget_metric, c.budget_target, c.budget_warmup) if c.budget_metric else None
+        # the target's ramp: held from step 0 when the gates start pruned to it, over half of target_by under the
+        # fair schedule, else over budget_warmup
+        warmup = 0.0 if c.prune_init else c.target_by / 2 if c.target_by else c.budget_warmup
+        self.budget = (BudgetLoss(c.budget_metric, c.budget_target, warmup, from_start=c.target_by is not None)
+                       if c.budget_metric else None)
+        self.fixed_at_step: int | None = None  # the step from which the structure was fixed (in-run recovery)
+        self.fixed_ratios: dict[str, float] | None = None  # fair schedule: expected and hard cost ratio when fixed
+        self.unreachable_warned = False
         if c.freeze_gates:
             for tower in self.towers:
                 if tower.gates is not None:
@@ -236,16 +243,60 @@ class TwoTowerModule(pl.LightningModule):
         if self.distiller is not None:
             self.distiller.to_device(self.device)
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        """In-run recovery: over the last `compress.recovery` of training the structure is fixed (deterministic
-        gates, no gate gradients, no structure loss) and the encoder adapts to it."""
+    @property
+    def structure_fixed_from(self) -> float | None:
+        """The fraction of training from which the structure is fixed: `compress.target_by` (the fair schedule),
+        else 1 − `compress.recovery`; None when it learns to the end."""
         c = self.compress_cfg
-        if c.recovery and self.gated and not self.user_tower.gates.frozen:
-            if self.global_step >= (1 - c.recovery) * int(self.trainer.estimated_stepping_batches):
+        return c.target_by if c.target_by else (1 - c.recovery) if c.recovery else None
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """In-run recovery: from `structure_fixed_from` on the structure is fixed (deterministic gates, no gate
+        gradients, no structure loss) and the encoder adapts to it."""
+        fixed_from = self.structure_fixed_from
+        if fixed_from is not None and self.gated and not self.user_tower.gates.frozen:
+            if self.global_step >= fixed_from * int(self.trainer.estimated_stepping_batches):
+                if self.compress_cfg.target_by and self.user_costs is not None:
+                    self.fix_at_target()
                 for tower in self.towers:
                     if tower.gates is not None:
                         tower.gates.freeze()
+                self.fixed_at_step = int(self.global_step)
                 print(f"recovery: structure fixed at step {self.global_step}", flush=True)
+
+    @torch.no_grad()
+    def fix_at_target(self) -> None:
+        """The fair schedule's last move before the structure is fixed: the hard shape brought to the budget
+        target by one common log α shift (`project_hard_cost`), so the fixed structure is what the schedule
+        reached, sublayers rounded as they will be served."""
+        costs, metric, target = self.user_costs, self.budget.metric, self.budget.target
+
+        def cost(shape) -> float:
+            run = shape.replace(seq_len=costs.base.seq_len, batch=costs.base.batch)
+            return float(costs(SoftShape.from_shape(run))[metric])
+
+        gates = self.user_tower.gates
+        expected = float(costs(gates.soft_shape(costs.base))[metric])
+        if project_hard_cost(gates, cost, target) is None:
+            print(f"warning: fair schedule: no hard shape reaches {metric} {target}", flush=True)
+        self.fixed_ratios = {"expected": expected, "hard": cost(gates.hard_shape())}
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """The fair schedule (`compress.target_by`): after each optimizer step until the structure is fixed, all
+        gates' log α are shifted by one common offset so that the expected cost is the ramped target t' of the next
+        step. The task and the Lagrangian decide which units close (their relative log α); the shift makes the
+        expected cost follow the schedule whatever the model's gradient scale, so it is at the target by target_by."""
+        c = self.compress_cfg
+        if not c.target_by or self.user_costs is None or self.user_tower.gates.frozen:
+            return
+        progress = self.global_step / max(1, int(self.trainer.estimated_stepping_batches))
+        target = self.budget.current_target(progress)
+        costs, metric = self.user_costs, self.budget.metric
+        shift = project_expected_cost(self.user_tower.gates, lambda s: float(costs(s)[metric]), target, costs.base)
+        if shift is None and not self.unreachable_warned:
+            self.unreachable_warned = True
+            print(f"warning: fair schedule: {metric} ratio {target:.3f} is below what closing every gate reaches; "
+                  "the budget Lagrangian alone drives it", flush=True)
 
     def structure_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Penalties (or the budget Lagrangian) on the towers' soft shapes; returns (loss, terms to log)."""
@@ -280,6 +331,10 @@ class TwoTowerModule(pl.LightningModule):
             item = self.item_tower.gates.hard_shape().replace(seq_len=item_costs.base.seq_len)
             out["item_shape"] = item.to_dict()
             out["item_ratios"] = {k: float(v) for k, v in item_costs(SoftShape.from_shape(item)).items()}
+        if self.fixed_at_step is not None:
+            out["fixed_at_step"] = self.fixed_at_step
+        if self.fixed_ratios is not None:
+            out["fixed_ratios"] = self.fixed_ratios
         if self.budget is not None:
             c = self.compress_cfg
             achieved = out["user_ratios"][c.budget_metric]
@@ -306,6 +361,9 @@ class TwoTowerModule(pl.LightningModule):
                   {"params": multipliers, "weight_decay": 0.0, "lr": c.lagrangian_lr}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if c.target_by and gates:
+            print(f"fair schedule: expected {c.budget_metric} at {c.budget_target} by step {int(c.target_by * total)} "
+                  f"of {total}, then fixed", flush=True)
         warm = int(self.train_cfg.warmup_ratio * total)
 
         def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0

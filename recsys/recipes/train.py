@@ -22,12 +22,13 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from recsys.config import RunConfig, read_yaml, save_config
 from recsys.data.registry import dataset_slug, load_data
+from recsys.efficiency.cost import SoftShape
 from recsys.efficiency.latency import exclusive, measure, threads
 from recsys.errors import RecsysError
 from recsys.losses.penalties import CostNormaliser
 from recsys.models.datamodule import RecDataModule
 from recsys.models.encoder import load_tokenizer, resolve_model_path
-from recsys.models.importance import init_gates_by_importance, prune_by_importance
+from recsys.models.importance import importance_scores, init_gates_by_importance, prune_by_importance, prune_to_cost
 from recsys.models.item_encoder import catalog_vectors
 from recsys.models.sequence_tower import user_input_length
 from recsys.models.two_tower import MONITOR
@@ -181,14 +182,17 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
     if module.distiller is not None:
         module.distiller.cache_items(dm.item_texts, dm.tokenizer, cfg.data.item_max_tokens)
     c = cfg.compress
-    if c.prune_ratio is not None or c.importance_init:
+    scores = None
+    if c.prune_ratio is not None or c.importance_init or c.prune_init:
         batches = list(islice(dm.train_dataloader(), c.prune_batches))  # scored on the dense model's training loss
         if c.prune_ratio is not None:  # post-hoc: prune once by importance, then recover
             kept = prune_by_importance(module, batches, c.prune_ratio)
             print(f"pruned by importance: kept {kept}", flush=True)
-        else:
+        elif c.importance_init:
             scores = init_gates_by_importance(module, batches, c.gate_init, c.importance_spread)
             print(f"gates initialised by importance: {', '.join(scores)}", flush=True)
+        else:
+            scores = importance_scores(module, batches)
     if module.costed:
         user_base = module.user_tower.shape.replace(seq_len=user_input_length(cfg.model, cfg.data), batch=1)
         needs_latency = c.lambda_latency > 0 or c.budget_metric == "latency"
@@ -203,6 +207,16 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
             from recsys.serving.index_route import calibrate_index_latency  # faiss: imported only when used
             index_model = calibrate_index_latency(kinds=(index.index,))
         module.set_costs(CostNormaliser(user_base, dm.split.n_items, tables, index, index_model), item)
+    if c.prune_init:  # prune-then-learn: the gates start where post-hoc pruning at the target's cost ends
+        costs = module.user_costs
+
+        def cost(shape) -> float:
+            run = shape.replace(seq_len=costs.base.seq_len, batch=costs.base.batch)
+            return float(costs(SoftShape.from_shape(run))[c.budget_metric])
+
+        ratio, kept = prune_to_cost(module, scores, cost, c.budget_target, c.gate_init)
+        print(f"pruned by importance to {c.budget_metric} {c.budget_target} (ratio {ratio:.3f}), gates learn from "
+              f"there: kept {kept}", flush=True)
 
 
 def train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, resume: bool = False) -> dict:
@@ -276,7 +290,8 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
             val_check_interval=(int(vci) if vci > 1 else vci), num_sanity_val_steps=0,
             check_val_every_n_epoch=cfg.train.check_val_every_n_epoch,
             reload_dataloaders_every_n_epochs=1, logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
-            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=cfg.tracking.log_every_steps,
+            max_steps=cfg.train.max_steps or -1,
             default_root_dir=str(run_dir), deterministic=False,
         )
         t0 = time.perf_counter()
