@@ -1,6 +1,7 @@
 """Issue 24: sequence towers that start where zero-shot ends, trained the way SASRec is; item representations and
 encoders; the cold-start protocol."""
 import json
+import os
 import subprocess
 import sys
 
@@ -216,3 +217,39 @@ def test_families_benchmark_smoke(tmp_path, tiny_model):
     assert "bar" in d and "cold_aim" in d and d["reference_model"]["name"]
     cold = [row for row in d["rows"] if row["split"] == "cold"]
     assert all("cold/ndcg@10" in row for row in cold)
+
+
+def _families_fixture() -> dict:
+    def row(name, split, ndcg, ms=None, flops=None, cold=None):
+        r = {"name": name, "split": split, "ndcg@10": ndcg, "recall@10": 2 * ndcg, "n_seeds": 3, "ndcg@10_std": 0.001}
+        if ms is not None:
+            r["measured_ms_median"] = ms
+        if flops is not None:
+            r["offline_item_encoder"] = {"flops_per_item": flops}
+        if cold is not None:
+            r["cold/ndcg@10"] = cold
+        return r
+    rows = [row("sasrec", "warm", 0.09, 0.9), row("ease", "warm", 0.07, 0.06),
+            row("sequence_minilm_text", "warm", 0.08, 1.1, 3e8), row("sequence_mpnet_text", "warm", 0.085, 1.3, 2.5e9),
+            row("sasrec", "cold", 0.07, cold=0.0), row("sequence_minilm_text", "cold", 0.06, cold=0.04)]
+    return {"dataset": "fixture", "rows": rows, "protocols": {"warm": "w", "cold": "c"}, "seeds": [0, 1, 2],
+            "reference_model": {"name": "sasrec"}, "hardware": {"cpu": "fixture"}}
+
+
+def test_families_notebook_draws_its_figures(tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    from recsys.tracking.schemas import problems
+    data = _families_fixture()
+    assert problems("ml100k_families.json", data) == []
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "ml100k_families.json").write_text(json.dumps(data))
+    nb = nbformat.read(REPO / "notebooks" / "families.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute(
+        env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
+    for name in ("families.png", "families_cold.png"):
+        png = tmp_path / "figures" / name
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "text/html" in o.get("data", {})]
+    assert html and "sequence_mpnet_text" in html[0] and "ml100k (cold)" in html[0]
