@@ -20,7 +20,7 @@ from recsys.recipes.profile import online_request  # noqa: E402
 from recsys.recipes.train import train  # noqa: E402
 from recsys.tracking.records import environment_record, write_json  # noqa: E402
 
-__all__ = ["run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
+__all__ = ["positive_ints", "run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
 
 
 def run_matrix(path: str | Path) -> dict[str, list[str]]:
@@ -82,3 +82,16 @@ def tuned_input(sweeps_dir: str | Path, run: str | Path) -> list[str] | None:
         return None
     best = max(json.loads(path.read_text()), key=lambda r: r["ndcg@10"])
     return [f"data.user_max_tokens={best['user_max_tokens']}", f"data.history_items={best['history_items']}"]
+
+
+def positive_ints(text: str, what: str) -> list[int]:
+    """A comma-separated list of positive integers, or one line saying what is wrong."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecsysError(f"{what}: expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise RecsysError(f"{what}: expected positive whole numbers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise RecsysError(f"{what}: {text!r} names a value twice")
+    return values

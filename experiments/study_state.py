@@ -3,13 +3,14 @@ results/benchmarks/state/ (run folders, with their checkpoints, stay on the mach
 
     python experiments/study_state.py save --config configs/sweeps/ml100k_recipe.yaml      # before a session ends
     python experiments/study_state.py restore --config configs/sweeps/ml100k_recipe.yaml   # on a fresh machine
+    python experiments/study_state.py save --config configs/sweeps/ml100k_budget.yaml --budgets 59,240,480
 
 A study resumes from its journal (every trial's parameters, validation metrics and measured costs). The report
 evaluates only the Pareto trials on test; since a trial off the front now can never join it later (more trials
 only add dominating points), `save` evaluates the current front trials on test (once, cached in their run
 folders) and keeps their metrics.json, test_metrics.json and config.yaml, so the final report needs no
 checkpoint of an earlier machine. Both the λ study and its post-hoc twin are saved, with the cached reference and
-its input-length tuning.
+its input-length tuning; with `--budgets` (experiments/ml100k_pareto_budget.py) the pair of every budget.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import common  # noqa: F401  (quiets third-party noise before torch loads)
 
 from recsys.errors import RecsysError
+from recsys.search.budget import at_budget, steps_per_epoch
 from recsys.search.objectives import disturbed, reference_costs
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import pareto_front, test_metrics
@@ -73,16 +75,21 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/sweeps/ml100k_recipe.yaml")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--state", default="results/benchmarks/state")
+    ap.add_argument("--budgets", default=None, help="steps per trial of experiments/ml100k_pareto_budget.py's studies")
     args = ap.parse_args(argv)
     state = Path(args.state)
     try:
         cfg = load_sweep(args.config, [], [f"data.data_dir={args.data_dir}"] if args.data_dir else [])
         tuned = sorted(cfg.folder.parent.glob("reference-*.json"))
+        studies = [cfg]
+        if args.budgets:
+            per_epoch = steps_per_epoch(cfg)
+            studies = [at_budget(cfg, steps, per_epoch) for steps in common.positive_ints(args.budgets, "--budgets")]
         if args.action == "save":
             state.mkdir(parents=True, exist_ok=True)
             for f in tuned:
                 shutil.copy2(f, state / f.name)
-            for c in (cfg, posthoc_config(cfg)):
+            for c in (c for base in studies for c in (base, posthoc_config(base))):
                 if c.tune_reference_input:
                     c.reference_overrides = c.reference_overrides or _tuned_overrides(cfg)
                 print(f"{c.study}: saved with {save(c, state)} front trials' test metrics → {state / c.study}")
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
             for f in state.glob("reference-*.json"):
                 if not (cfg.folder.parent / f.name).exists():
                     shutil.copy2(f, cfg.folder.parent / f.name)
-            for c in (cfg, posthoc_config(cfg)):
+            for c in (c for base in studies for c in (base, posthoc_config(base))):
                 print(f"{c.study}: {'restored' if restore(c, state) else 'nothing to restore (present or unsaved)'}")
     except RecsysError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -551,11 +551,14 @@ class RunConfig:
             if c.precision != "fp32":
                 raise ValueError(f"compress.precision: a sequence user tower is served in fp32 (eager); got "
                                  f"{c.precision!r}")
-            if c.importance_init or c.prune_ratio is not None:
-                raise ValueError("compress.importance_init / prune_ratio score text-tower units; with "
+            if c.importance_init or c.prune_ratio is not None or c.prune_init:
+                raise ValueError("compress.importance_init / prune_ratio / prune_init score text-tower units; with "
                                  "model.user_tower=sequence learn the structure with gates and a penalty")
         if self.compress.importance_init and not self.model.init_from:
             raise ValueError("compress.importance_init scores the dense model's units: set model.init_from to a "
+                             "finished dense run")
+        if self.compress.prune_init and not self.model.init_from:
+            raise ValueError("compress.prune_init prunes the dense model by importance: set model.init_from to a "
                              "finished dense run")
         if self.train.objective == "causal":
             m = self.model

@@ -13,8 +13,9 @@ def posthoc_config(cfg: SweepConfig, low: float = 0.1, high: float = 0.9) -> Swe
     parameter (the pruning ratio), penalties and budgets switched off, its own study."""
     from dataclasses import replace
 
-    fixed = [o for o in cfg.overrides
-             if not o.startswith(("compress.lambda_", "compress.budget_", "compress.importance_"))]
+    fixed = [o for o in cfg.overrides  # the λ run's structure options (its schedule, its start) are not post-hoc's
+             if not o.startswith(("compress.lambda_", "compress.budget_", "compress.importance_", "compress.target_by",
+                                  "compress.prune_init"))]
     fixed += ["compress.gates=[heads,ffn]", "compress.lambda_params=0", "compress.lambda_flops=0",
               "compress.lambda_latency=0"]
     # the input knobs (data.*: token budget, history items) are searched by both studies alike
