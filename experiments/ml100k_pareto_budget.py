@@ -80,7 +80,8 @@ def figure(entries: list[dict], trend: dict, largest: tuple[dict, dict], objecti
         if trend["crossing_steps"]:
             extrapolated = trend["crossing"].startswith("extrapolation")
             left.scatter([trend["crossing_steps"]], [1.0], marker="x", s=80, color="tab:red",
-                         label=f"{'extrapolation' if extrapolated else 'crossing'}: ≈ {trend['crossing_steps']:.0f} "
+                         label=f"{'extrapolation (not measured)' if extrapolated else 'crossing'}: "
+                               f"≈ {trend['crossing_steps']:.0f} "
                                "steps")
     left.set_xscale("log", base=2)
     left.set_xlabel("training steps per trial")

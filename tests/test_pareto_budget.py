@@ -222,7 +222,9 @@ def test_hv_trend_slope_crossing_and_extrapolation():
     measured = hv_trend([*pts, (944, 1.1)])
     assert measured["crossing_steps"] == pytest.approx(472) and measured["crossing"].startswith("measured")
     falling = hv_trend([(59, 0.8), (240, 0.7), (480, 0.6)])
-    assert falling["slope_per_doubling"] < 0 and falling["crossing_steps"] is None
+    assert falling["slope_per_doubling"] < 0 and falling["crossing_steps"] is None and "below 1.0" in falling["note"]
+    ahead = hv_trend([(59, 1.2), (240, 1.3)])  # λ ahead everywhere and gaining: no crossing at more steps
+    assert ahead["crossing_steps"] is None and "above 1.0" in ahead["note"]
     assert hv_trend([(59, 0.7)])["slope_per_doubling"] is None
 
 

@@ -91,8 +91,8 @@ def speedup_bands(lam: dict, post: dict, objective: str, bands: tuple[float, ...
 def hv_trend(points: list[tuple[int, float | None]]) -> dict:
     """The HV ratio (λ / post-hoc) against log2(steps per trial): a least-squares line (slope = ratio gained per
     doubling of the steps), and where the curve crosses 1.0 — interpolated in log2(steps) between the two measured
-    budgets that bracket it, or, when no measured pair does, where the fitted line would (an extrapolation; None for
-    a line that never gets there)."""
+    budgets that bracket it, or, when no measured pair does, where the fitted line would at more steps than were
+    measured (an extrapolation; None, with a note, for a line that does not get there)."""
     pts = sorted((s, r) for s, r in points if r is not None and math.isfinite(r))
     out = {"fit": "hv_ratio = intercept + slope * log2(steps)", "points": [list(p) for p in pts],
            "slope_per_doubling": None, "intercept": None, "crossing_steps": None, "crossing": None}
@@ -111,6 +111,9 @@ def hv_trend(points: list[tuple[int, float | None]]) -> dict:
     out.update(slope_per_doubling=slope, intercept=intercept)
     if out["crossing"] is None and slope != 0:
         x = (1 - intercept) / slope
-        if x > max(xs) or (x < min(xs) and all(y > 1 for y in ys)):
+        if x > max(xs):  # ahead of the measured budgets: the steps the trend says a crossing would need
             out.update(crossing_steps=2 ** x, crossing="extrapolation of the fitted line (not measured)")
+        else:
+            side = "above" if ys[0] > 1 else "below"
+            out["note"] = f"{side} 1.0 at every measured budget, and the trend does not cross it at more steps"
     return out
