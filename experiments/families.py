@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--representations", default="text,text+id")
     ap.add_argument("--cold", type=float, default=0.1, help="share of items held out for the cold split (0: none)")
     ap.add_argument("--cold-encoders", default=None, help="encoders trained on the cold split (default: all)")
+    ap.add_argument("--cold-seeds", default=None, help="seeds of every model on the cold split (default: --seeds)")
     ap.add_argument("--override", action="append", default=[], help="extra dotted overrides of every sequence run")
     ap.add_argument("--sasrec", action="append", default=[],
                     help="dotted sasrec.* overrides, e.g. a grid point chosen earlier: sasrec.hidden=[128]")
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
                     "sasrec.eval_every=1"]
     splits = {"warm": []} | ({"cold": [f"data.cold_items={args.cold}"]} if args.cold > 0 else {})
     cold_encoders = args.cold_encoders.split(",") if args.cold_encoders else encoders
+    cold_seeds = [int(s) for s in args.cold_seeds.split(",")] if args.cold_seeds else seeds
     base = load_config(None, [*data, *sas_over, "sasrec.max_minutes=null"])
     slug = dataset_slug(base.data)
     rows, calls, costs, offline = [], {}, {}, {}
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
         knn = cached(folder / "itemknn.json", lambda split=split: (lambda r: {"test": r[0].metrics, **r[1]})(
             run_itemknn(split, progress=False)))
         rows.append(summary("itemknn", split_name, [knn["test"]]))
-        sas, chosen, sasrec = sasrec_rows(split, cfg.sasrec, seeds, folder, chosen)
+        split_seeds = seeds if split_name == "warm" else cold_seeds
+        sas, chosen, sasrec = sasrec_rows(split, cfg.sasrec, split_seeds, folder, chosen)
         rows.append(summary("sasrec", split_name, sas.pop("tests"), **sas))
         zs = cached(folder / "zero_shot.json", lambda ds=ds, split=split, cfg=cfg: {"test": run_zero_shot(
             ds, split, cfg.data, ENCODERS["minilm"][0].split("=", 1)[1], progress=False)[0].metrics})
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
                 over = [*data, *ENCODERS[enc], *REPRESENTATIONS[rep], *seq_over, *split_over]
                 runs_by_rep[rep] = [train_or_reuse(CONFIG, [*over, f"train.seed={s}"],
                                                    f"{slug}-fam-{split_name}-{enc}-{rep.replace('+', '')}-seed{s}",
-                                                   results) for s in seeds]
+                                                   results) for s in split_seeds]
                 rows.append(run_rows(f"sequence_{enc}_{rep}", split_name, runs_by_rep[rep], encoder=enc,
                                      item_representation=rep))
                 if split_name == "warm":
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
     out = {"dataset": slug, "rows": rows, "protocols": {"warm": "leave-last-out, full ranking, test split",
                                                         "cold": f"leave-last-out with {args.cold:.0%} of items "
                                                                 "held out of training (data.cold_items)"},
-           "config": CONFIG, "seeds": seeds, **verdict(rows)}
+           "config": CONFIG, "seeds": seeds, "cold_seeds": cold_seeds if "cold" in splits else None,
+           "overrides": seq_over, **verdict(rows)}
     path = Path(args.out or results / "benchmarks" / f"{slug.replace('-', '').replace(':', '_')}_families.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_benchmark(path, out)
