@@ -58,3 +58,22 @@ def train_run(args: list[str], root: Path, name: str, *extra: str) -> Path:
     args = [a for a in args if not a.startswith("tracking.run_name")]
     assert main(["train", *args, f"tracking.run_name={name}", *extra]) == 0
     return root / "results" / "runs" / name
+
+
+def fresh_module(cfg, run: Path, tokenizer):
+    """A seeded TwoTowerModule of `cfg` with `run`'s weights and its data module: the state a training run's
+    `prepare_module` starts from (tests compare two such modules prepared apart on the same batches)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from recsys.data.registry import load_data
+    from recsys.models.datamodule import RecDataModule
+    from recsys.models.two_tower import TwoTowerModule
+    from recsys.runs import init_weights
+
+    ds, split = load_data(cfg.data)
+    torch.manual_seed(0)
+    module = TwoTowerModule(asdict(cfg.model), asdict(cfg.train), asdict(cfg.compress))
+    init_weights(module, run)
+    return module, RecDataModule(ds, split, tokenizer, cfg.data, cfg.train)

@@ -8,14 +8,13 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import HANG_S, QUICK_S, tiny_run_args, train_run
+from conftest import HANG_S, QUICK_S, fresh_module, tiny_run_args, train_run
 from test_bad_input import assert_contains, fails, files_under, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,27 +83,19 @@ def test_prune_then_learn_starts_with_exactly_the_posthoc_pattern(dense, tiny_mo
     import re
 
     from recsys.config import load_config
-    from recsys.data.registry import load_data
     from recsys.efficiency.cost import SoftShape
-    from recsys.models.datamodule import RecDataModule
     from recsys.models.encoder import load_tokenizer
     from recsys.models.importance import importance_scores, keep_mask, prune_by_importance
-    from recsys.models.two_tower import TwoTowerModule
     from recsys.recipes.train import prepare_module
-    from recsys.runs import init_weights
 
     run, args, _ = dense
     target = 0.45
     cfg = load_config(None, [*args, *GATES, f"model.init_from={run}", "compress.budget_metric=flops",
                              f"compress.budget_target={target}", "compress.prune_init=true", "compress.gate_init=4.0"])
-    ds, split = load_data(cfg.data)
     tok = load_tokenizer(tiny_model)
 
     def fresh():
-        torch.manual_seed(0)
-        m = TwoTowerModule(asdict(cfg.model), asdict(cfg.train), asdict(cfg.compress))
-        init_weights(m, run)
-        return m, RecDataModule(ds, split, tok, cfg.data, cfg.train)
+        return fresh_module(cfg, run, tok)
 
     module, dm = fresh()
     prepare_module(module, dm, cfg)

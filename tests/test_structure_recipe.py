@@ -2,11 +2,10 @@
 a frozen item tower with cached catalog embeddings, the reference served at its tuned input length, and the
 post-hoc twin searching the same input knobs."""
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import tiny_run_args, train_run
+from conftest import fresh_module, tiny_run_args, train_run
 
 from recsys.models.importance import importance_scores, keep_mask, rank_log_alpha
 
@@ -34,25 +33,17 @@ def test_importance_init_orders_gates_as_posthoc_pruning_would(dense, tiny_model
     from itertools import islice
 
     from recsys.config import load_config
-    from recsys.data.registry import load_data
-    from recsys.models.datamodule import RecDataModule
     from recsys.models.encoder import load_tokenizer
-    from recsys.models.two_tower import TwoTowerModule
     from recsys.recipes.train import prepare_module
-    from recsys.runs import init_weights
 
     run, args, _ = dense
     cfg = load_config(None, [*args, GATES, f"model.init_from={run}",
                              "compress.importance_init=true", "compress.gate_init=4.0", "compress.prune_batches=2",
                              "compress.lambda_flops=1.0"])
-    ds, split = load_data(cfg.data)
     tok = load_tokenizer(tiny_model)
 
     def fresh():
-        torch.manual_seed(0)
-        m = TwoTowerModule(asdict(cfg.model), asdict(cfg.train), asdict(cfg.compress))
-        init_weights(m, run)
-        return m, RecDataModule(ds, split, tok, cfg.data, cfg.train)
+        return fresh_module(cfg, run, tok)
 
     module, dm = fresh()
     prepare_module(module, dm, cfg)
