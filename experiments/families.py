@@ -63,6 +63,17 @@ REPRESENTATIONS = {"text": ["model.item_representation=text"],
 SMOKE = ["data.name=synthetic", "data.synthetic_users=120", "data.synthetic_items=150"]
 
 
+def finetuned_encoder(run: Path) -> list[str]:
+    """The overrides that put a finished text two-tower's item tower (frozen) under the sequence tower: its encoder
+    architecture and item token budget, its weights (`model.item_tower_from`)."""
+    cfg_file = run / "config.yaml"
+    if not (run / "checkpoints" / "best.ckpt").is_file() or not cfg_file.is_file():
+        raise RecsysError(f"--item-tower-from: {run} is not a finished run (no config.yaml or checkpoints/best.ckpt)")
+    cfg = load_config(str(cfg_file), [])
+    return [f"model.encoder={cfg.model.encoder}", f"data.item_max_tokens={cfg.data.item_max_tokens}",
+            f"model.item_tower_from={run}"]
+
+
 def summary(name: str, split_name: str, tests: list[dict], **extra) -> dict:
     """A row: the mean (and std) over seeds of every test metric, warm/cold parts included."""
     keys = [k for k in tests[0] if isinstance(tests[0][k], (int, float))]
@@ -127,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--encoders", default="minilm,mpnet,smollm2")
     ap.add_argument("--representations", default="text,text+id")
+    ap.add_argument("--item-tower-from", default=None, metavar="RUN",
+                    help="a finished text two-tower run: adds the encoder `finetuned`, its fine-tuned item tower "
+                    "(frozen) under the sequence tower; warm split only (that run trained on every item)")
     ap.add_argument("--cold", type=float, default=0.1, help="share of items held out for the cold split (0: none)")
     ap.add_argument("--cold-encoders", default=None, help="encoders trained on the cold split (default: all)")
     ap.add_argument("--cold-seeds", default=None, help="seeds of every model on the cold split (default: --seeds)")
@@ -141,6 +155,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     encoders = args.encoders.split(",")
+    if args.item_tower_from:
+        ENCODERS["finetuned"] = finetuned_encoder(Path(args.item_tower_from))
+        encoders = [*encoders, "finetuned"] if "finetuned" not in encoders else encoders
     unknown = [e for e in encoders if e not in ENCODERS]
     if unknown:
         raise RecsysError(f"--encoders: unknown {unknown[0]!r} (known: {', '.join(ENCODERS)})")
@@ -160,6 +177,10 @@ def main(argv=None) -> int:
                     "sasrec.eval_every=1"]
     splits = {"warm": []} | ({"cold": [f"data.cold_items={args.cold}"]} if args.cold > 0 else {})
     cold_encoders = args.cold_encoders.split(",") if args.cold_encoders else encoders
+    if "finetuned" in cold_encoders and args.cold > 0:
+        print("families: the fine-tuned item tower saw the cold items in training; it is left out of the cold split",
+              flush=True)
+        cold_encoders = [e for e in cold_encoders if e != "finetuned"]
     cold_seeds = [int(s) for s in args.cold_seeds.split(",")] if args.cold_seeds else seeds
     base = load_config(None, [*data, *sas_over, "sasrec.max_minutes=null"])
     slug = dataset_slug(base.data)
@@ -191,11 +212,14 @@ def main(argv=None) -> int:
             runs_by_rep = {}
             for rep in reps:
                 over = [*data, *ENCODERS[enc], *REPRESENTATIONS[rep], *seq_over, *split_over]
+                # a fine-tuned item tower names its run in the run folder: another --item-tower-from trains anew
+                label = f"ft-{Path(args.item_tower_from).name}" if enc == "finetuned" else enc
                 runs_by_rep[rep] = [train_or_reuse(CONFIG, [*over, f"train.seed={s}"],
-                                                   f"{slug}-fam-{split_name}-{enc}-{rep.replace('+', '')}-seed{s}",
+                                                   f"{slug}-fam-{split_name}-{label}-{rep.replace('+', '')}-seed{s}",
                                                    results) for s in split_seeds]
                 rows.append(run_rows(f"sequence_{enc}_{rep}", split_name, runs_by_rep[rep], encoder=enc,
-                                     item_representation=rep))
+                                     item_representation=rep, **({"item_tower_from": args.item_tower_from}
+                                                                 if enc == "finetuned" else {})))
                 if split_name == "warm":
                     calls[f"sequence_{enc}_{rep}"], costs[f"sequence_{enc}_{rep}"] = online_request(
                         runs_by_rep[rep][0])

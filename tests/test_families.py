@@ -253,3 +253,35 @@ def test_families_notebook_draws_its_figures(tmp_path):
     html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "text/html" in o.get("data", {})]
     assert html and "sequence_mpnet_text" in html[0] and "ml100k (cold)" in html[0]
+
+
+def test_families_item_tower_from_must_be_a_finished_run(tmp_path):
+    """`--item-tower-from` a folder that is no finished run: one line, exit 2, nothing trained."""
+    (tmp_path / "half").mkdir()
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "families.py"), "--smoke", "--item-tower-from",
+                        str(tmp_path / "half"), "--results", str(tmp_path / "results")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "not a finished run" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_finetuned_item_tower_goes_under_the_sequence_tower_frozen(tmp_path, tiny_model):
+    """The `finetuned` encoder's overrides: the text run's item tower, its architecture and token budget, copied
+    into the sequence tower's item side (equal weights), which stays frozen."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from families import REPRESENTATIONS, finetuned_encoder
+
+    from recsys.runs import load_run
+
+    args = tiny_run_args(tiny_model, tmp_path)
+    text = train_run(args, tmp_path, "text", "data.item_max_tokens=12")
+    over = finetuned_encoder(text)
+    assert f"model.item_tower_from={text}" in over and "data.item_max_tokens=12" in over
+    seq = train_run(args, tmp_path, "seq", *over, *REPRESENTATIONS["text"], "train.objective=causal",
+                    "model.user_tower=sequence", "model.sequence_items=4", "model.sequence_layers=1",
+                    "model.sequence_hidden=16", "model.freeze_item_tower=true", "model.sequence_causal=true")
+    _, a = load_run(text)
+    _, b = load_run(seq)
+    for (k, w), v in zip(a.item_tower.state_dict().items(), b.item_tower.state_dict().values(), strict=True):
+        assert torch.equal(w, v), k
