@@ -15,6 +15,9 @@ item vectors trained the way SASRec is — warm and cold start, test split, full
   vectors (MiniLM through our BERT module; MPNet and SmolLM2 through AutoModel, `recsys encoders fetch`), one row
   per item representation, `--seeds` seeds (mean and std);
 - the text two-tower at its validation-tuned input where a committed benchmark holds it (its source is named).
+`--grid KEY=V1,V2` (repeatable) gives the sequence towers a validation grid as SASRec has one: every point is
+trained with the first seed on the warm split, the point with the best validation NDCG@10 is then trained with
+every seed and used on the cold split (as SASRec's choice is); each row records its grid and chosen point.
 Each row on the warm split (leave-last-out) and, with `--cold` (default 0.1), on the cold-start split (that share
 of items held out of training; `warm/…` and `cold/…` metrics). Online request ms at batch 1 (interleaved, one
 process, 2 threads, after everything is trained); offline item encoding: params, FLOPs per item, items/s.
@@ -26,6 +29,7 @@ Finished pieces are kept under results/families/<dataset>/ and results/runs/, so
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +76,24 @@ def finetuned_encoder(run: Path) -> list[str]:
     cfg = load_config(str(cfg_file), [])
     return [f"model.encoder={cfg.model.encoder}", f"data.item_max_tokens={cfg.data.item_max_tokens}",
             f"model.item_tower_from={run}"]
+
+
+def parse_grid(specs: list[str]) -> list[dict[str, str]]:
+    """`["model.sequence_dropout=0.2,0.5", "model.sequence_items=50,200"]` → every point of their product, as
+    {dotted key: value} (a single point, {}, without a grid)."""
+    axes = []
+    for spec in specs:
+        key, eq, values = spec.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not eq or not key.strip() or not vals:
+            raise RecsysError(f"--grid: expected KEY=V1,V2,… (e.g. model.sequence_dropout=0.2,0.5), got {spec!r}")
+        axes.append([(key.strip(), v) for v in vals])
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def point_label(point: dict[str, str]) -> str:
+    """A grid point in a run name: `-g-sequence_dropout0.5-sequence_items200` ('' for no grid)."""
+    return "-g" + "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items()) if point else ""
 
 
 def summary(name: str, split_name: str, tests: list[dict], **extra) -> dict:
@@ -145,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-encoders", default=None, help="encoders trained on the cold split (default: all)")
     ap.add_argument("--cold-seeds", default=None, help="seeds of every model on the cold split (default: --seeds)")
     ap.add_argument("--override", action="append", default=[], help="extra dotted overrides of every sequence run")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a validation grid of the sequence towers, e.g. model.sequence_dropout=0.2,0.5 (repeatable)")
     ap.add_argument("--sasrec", action="append", default=[],
                     help="dotted sasrec.* overrides, e.g. a grid point chosen earlier: sasrec.hidden=[128]")
     ap.add_argument("--results", default="results")
@@ -175,6 +199,9 @@ def main(argv=None) -> int:
                      "model.sequence_hidden=16", "train.epochs=2", "train.check_val_every_n_epoch=1"]
         sas_over = ["sasrec.hidden=[16]", "sasrec.dropout=[0.2]", "sasrec.max_len=[10]", "sasrec.epochs=2",
                     "sasrec.eval_every=1"]
+    grid = parse_grid(args.grid)
+    for point in grid:  # a bad key or value is one line before anything trains
+        load_config(CONFIG, [*data, *seq_over, *(f"{k}={v}" for k, v in point.items())])
     splits = {"warm": []} | ({"cold": [f"data.cold_items={args.cold}"]} if args.cold > 0 else {})
     cold_encoders = args.cold_encoders.split(",") if args.cold_encoders else encoders
     if "finetuned" in cold_encoders and args.cold > 0:
@@ -186,6 +213,7 @@ def main(argv=None) -> int:
     slug = dataset_slug(base.data)
     rows, calls, costs, offline = [], {}, {}, {}
     chosen = None
+    chosen_points: dict[tuple[str, str], dict] = {}  # (encoder, representation) → its grid point and grid
     for split_name, split_over in splits.items():
         cfg = load_config(None, [*data, *sas_over, "sasrec.max_minutes=null", *split_over])
         folder = results / "families" / slug / split_name
@@ -214,12 +242,24 @@ def main(argv=None) -> int:
                 over = [*data, *ENCODERS[enc], *REPRESENTATIONS[rep], *seq_over, *split_over]
                 # a fine-tuned item tower names its run in the run folder: another --item-tower-from trains anew
                 label = f"ft-{Path(args.item_tower_from).name}" if enc == "finetuned" else enc
-                runs_by_rep[rep] = [train_or_reuse(CONFIG, [*over, f"train.seed={s}"],
-                                                   f"{slug}-fam-{split_name}-{label}-{rep.replace('+', '')}-seed{s}",
-                                                   results) for s in split_seeds]
+
+                def seq_run(seed, point, label=label, rep=rep, over=over, split_name=split_name):
+                    return train_or_reuse(CONFIG, [*over, *(f"{k}={v}" for k, v in point.items()), f"train.seed={seed}"],
+                                          f"{slug}-fam-{split_name}-{label}-{rep.replace('+', '')}"
+                                          f"{point_label(point)}-seed{seed}", results)
+                if (enc, rep) not in chosen_points:  # the warm split chooses; the cold split reuses its choice
+                    tried = [{**point, "val_ndcg@10": json.loads((seq_run(split_seeds[0], point) / "metrics.json")
+                                                                 .read_text())["best_val_ndcg@10"]} for point in grid]
+                    best = max(tried, key=lambda t: t["val_ndcg@10"] if t["val_ndcg@10"] is not None else -1.0)
+                    chosen_points[(enc, rep)] = {"point": {k: v for k, v in best.items() if k != "val_ndcg@10"},
+                                                 "grid": tried}
+                point = chosen_points[(enc, rep)]["point"]
+                runs_by_rep[rep] = [seq_run(s, point) for s in split_seeds]
                 rows.append(run_rows(f"sequence_{enc}_{rep}", split_name, runs_by_rep[rep], encoder=enc,
                                      item_representation=rep, **({"item_tower_from": args.item_tower_from}
-                                                                 if enc == "finetuned" else {})))
+                                                                 if enc == "finetuned" else {}),
+                                     **({"hyperparameters": point, "grid": chosen_points[(enc, rep)]["grid"]}
+                                        if args.grid else {})))
                 if split_name == "warm":
                     calls[f"sequence_{enc}_{rep}"], costs[f"sequence_{enc}_{rep}"] = online_request(
                         runs_by_rep[rep][0])
@@ -255,7 +295,7 @@ def main(argv=None) -> int:
                                                         "cold": f"leave-last-out with {args.cold:.0%} of items "
                                                                 "held out of training (data.cold_items)"},
            "config": CONFIG, "seeds": seeds, "cold_seeds": cold_seeds if "cold" in splits else None,
-           "overrides": seq_over, **verdict(rows)}
+           "overrides": seq_over, "sequence_grid": args.grid or None, **verdict(rows)}
     path = Path(args.out or results / "benchmarks" / f"{slug.replace('-', '').replace(':', '_')}_families.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_benchmark(path, out)

@@ -206,10 +206,19 @@ def test_families_benchmark_smoke(tmp_path, tiny_model):
     out = tmp_path / "f.json"
     r = subprocess.run([sys.executable, str(REPO / "experiments" / "families.py"), "--smoke", "--seeds", "0",
                         "--encoders", "minilm", "--encoder", tiny_model, "--results", str(tmp_path / "results"),
-                        "--out", str(out), "--rounds", "2"], capture_output=True, text=True, timeout=3600)
+                        "--out", str(out), "--rounds", "2", "--grid", "model.sequence_dropout=0.1,0.3"],
+                       capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     names = {(row["split"], row["name"]) for row in d["rows"]}
+    # the sequence towers' validation grid: both points tried on warm, the best on validation chosen for every split
+    for row in d["rows"]:
+        if row["name"].startswith("sequence_"):
+            tried = row["grid"]
+            assert [t["model.sequence_dropout"] for t in tried] == ["0.1", "0.3"]
+            best = max(tried, key=lambda t: t["val_ndcg@10"])
+            assert row["hyperparameters"] == {"model.sequence_dropout": best["model.sequence_dropout"]}
+            assert all(f"sequence_dropout{best['model.sequence_dropout']}-seed" in run for run in row["runs"])
     for split in ("warm", "cold"):
         for name in ("ease", "itemknn", "sasrec", "zero_shot", "mean_minilm", "sequence_minilm_text",
                      "sequence_minilm_text+id"):
@@ -263,6 +272,18 @@ def test_families_item_tower_from_must_be_a_finished_run(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and "not a finished run" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+@pytest.mark.parametrize("spec, needle", [("model.sequence_dropout", "--grid: expected KEY=V1,V2"),
+                                          ("model.sequence_dropout=", "--grid: expected KEY=V1,V2"),
+                                          ("model.no_such_key=1,2", "no_such_key")])
+def test_families_grid_refuses_a_bad_spec_before_training(tmp_path, spec, needle):
+    """A malformed `--grid` or an unknown key in it: one line, exit 2, nothing trained."""
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "families.py"), "--smoke", "--grid", spec,
+                        "--results", str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "results" / "runs").exists()
 
 
