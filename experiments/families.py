@@ -244,7 +244,8 @@ def main(argv=None) -> int:
                 label = f"ft-{Path(args.item_tower_from).name}" if enc == "finetuned" else enc
 
                 def seq_run(seed, point, label=label, rep=rep, over=over, split_name=split_name):
-                    return train_or_reuse(CONFIG, [*over, *(f"{k}={v}" for k, v in point.items()), f"train.seed={seed}"],
+                    overrides = [*over, *(f"{k}={v}" for k, v in point.items()), f"train.seed={seed}"]
+                    return train_or_reuse(CONFIG, overrides,
                                           f"{slug}-fam-{split_name}-{label}-{rep.replace('+', '')}"
                                           f"{point_label(point)}-seed{seed}", results)
                 if (enc, rep) not in chosen_points:  # the warm split chooses; the cold split reuses its choice
