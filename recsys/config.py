@@ -31,6 +31,7 @@ DistillLoss = Literal["kl", "margin_mse", "embedding_mse"]  # distill.loss
 AttnImplementation = Literal["sdpa", "eager"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 WandbMode = Literal["offline", "online", "disabled"]
+ColdOffset = Literal["val", "none"]  # train.cold_offset: never-trained items' score offset, chosen on val | none
 UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower family (recsys/models/sequence_tower.py)
 ItemRepresentation = Literal["text", "text+id"]  # model.item_representation: inductive text, or text + a learned ID
 SequenceReadout = Literal["last", "mean_residual"]  # model.sequence_readout: the newest state, or mean + residual
@@ -209,6 +210,11 @@ class TrainConfig:
     checkpoint_every_steps: int | None = 50  # full-state last.ckpt for `recsys train --resume` (None = none)
     max_steps: int | None = None  # stop after this many optimisation steps (a budget in steps; None: the epochs)
     eval_batch_size: int = 128  # users / items per batch when encoding for evaluation
+    # cold start (data.cold_items > 0): `val` adds one offset to the scores of the items no training step saw, the
+    # value with the best validation NDCG@10 (recsys/retrieval/cold.py; metrics.json keeps the uncalibrated
+    # numbers beside it) | none: the scores as trained
+    cold_offset: ColdOffset = "val"
+    cold_offset_tolerance: float = 0.0  # share of that best val NDCG@10 the offset may spend to lift cold targets
     num_workers: int = 0  # DataLoader worker processes
     # 1 is the safe default: with another job on the cores, a small tower ran 16-60x slower with 2 threads than 1
     threads: int | None = 1  # torch intra-op threads while a run trains and is evaluated (None: one per core)
@@ -227,6 +233,7 @@ class TrainConfig:
         _check_range(self, "warmup_ratio", 0.0, 1.0)
         _check_range(self, "weight_decay", 0.0, None)
         _check_range(self, "grad_clip", 0.0, None)
+        _check_range(self, "cold_offset_tolerance", 0.0, 1.0)
         _check_range(self, "extra_negatives", 0, None)
         _check_range(self, "num_workers", 0, None)
         _check_range(self, "early_stopping_patience", 0, None)

@@ -191,6 +191,8 @@ def test_a_value_of_the_wrong_type_is_shown_short(capsys, results):
     ("train.precision=64", ["train.precision", "bf16-mixed", "'64'"]),
     ("model.attn_implementation=flash", ["model.attn_implementation", "sdpa", "'flash'"]),
     ("tracking.wandb=maybe", ["tracking.wandb", "offline", "'maybe'"]),
+    ("train.cold_offset=auto", ["train.cold_offset", "val", "'auto'"]),
+    ("train.cold_offset_tolerance=1.5", ["train.cold_offset_tolerance", "[0.0, 1.0]", "1.5"]),
     ("tracking.progress_bar=perhaps", ["tracking.progress_bar", "expected bool", "'perhaps'"]),
     ("train.lr.x=1", ["train.lr", "expected float"]),
     ("data.synthetic_users=0", ["data.synthetic_users", "> 0"]),

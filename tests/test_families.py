@@ -130,6 +130,13 @@ def test_causal_text_id_run_on_the_cold_split_reports_warm_and_cold(tmp_path, ti
     assert t["warm/users"] + t["cold/users"] == m["evaluated_users"] and t["cold/users"] > 0
     weighted = (t["warm/ndcg@10"] * t["warm/users"] + t["cold/ndcg@10"] * t["cold/users"]) / m["evaluated_users"]
     assert weighted == pytest.approx(t["ndcg@10"], abs=1e-9)
+    # the cold items' score offset (train.cold_offset=val): chosen on validation from its recorded grid, and the
+    # uncalibrated numbers kept beside the calibrated ones
+    c = m["cold_offset"]
+    assert c["beta"] >= 0 and c["grid"][0]["beta"] == 0.0 and len(c["grid"]) > 1
+    assert m["val"]["ndcg@10"] == pytest.approx(max(r["ndcg@10"] for r in c["grid"]), abs=1e-6)
+    assert m["val_uncalibrated"]["ndcg@10"] == pytest.approx(c["grid"][0]["ndcg@10"], abs=1e-6)
+    assert set(m["test_uncalibrated"]) == set(t)
     # the cold items' ID embeddings were never trained: they are still zero
     state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     from recsys.config import load_config

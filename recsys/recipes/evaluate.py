@@ -18,6 +18,7 @@ from recsys.models.encoder import load_tokenizer, resolve_model_path
 from recsys.models.item_encoder import catalog_vectors
 from recsys.models.sequence_tower import sequence_scorers
 from recsys.models.tower import encode_texts, tower_scorers
+from recsys.retrieval.cold import choose_cold_offset, with_cold_offset
 from recsys.retrieval.distributed import evaluate_sharded, gather_rows, shard, world
 from recsys.retrieval.evaluate import EvalResult, embedding_scorer, evaluate
 from recsys.retrieval.metrics import METRIC_COLUMNS
@@ -30,15 +31,18 @@ from recsys.tracking.records import markdown_table
 def evaluate_module(module, dm, stages=("val", "test"), progress: bool = True) -> dict[str, EvalResult]:
     """Full-ranking evaluation of a two-tower module on `stages`: items encoded once, users in batches, on the
     module's device. In a process group of several ranks (after a DDP or DeepSpeed fit) every rank encodes and
-    ranks its shard and all get the whole result (`evaluate_module_sharded`)."""
+    ranks its shard and all get the whole result (`evaluate_module_sharded`, without the cold-start offset).
+    Under the cold-start protocol the scores of never-trained items are calibrated as `train.cold_offset` says
+    (`evaluate_scorers`)."""
     if module.sequence:
         return evaluate_sequence_module(module.user_tower, module, dm, stages, progress)
     if world()[1] > 1:
         return evaluate_module_sharded(module, dm, stages)
     bs = module.train_cfg.eval_batch_size
     scorers = tower_scorers(module.user_tower, module.item_tower, dm.tokenizer, dm.item_texts, dm.split,
-                            dm.data_cfg, stages, bs, progress)
-    return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
+                            dm.data_cfg, _with_val(stages, module, dm), bs, progress)
+    return evaluate_scorers(scorers, dm.split, stages, bs, progress, module.train_cfg.cold_offset,
+                            module.train_cfg.cold_offset_tolerance)
 
 
 def evaluate_sequence_module(user_tower, module, dm, stages=("val", "test"),
@@ -47,8 +51,38 @@ def evaluate_sequence_module(user_tower, module, dm, stages=("val", "test"),
     the item tower (a frozen one's cache as it is), each user's last N items looked up in it (one process)."""
     bs = module.train_cfg.eval_batch_size
     items = catalog_vectors(module, dm.item_texts, dm.tokenizer, dm.data_cfg, bs, progress)
-    scorers = sequence_scorers(user_tower, items, dm.split, stages, bs)
-    return {stage: evaluate(scorers[stage], dm.split, stage, bs, progress=progress) for stage in stages}
+    scorers = sequence_scorers(user_tower, items, dm.split, _with_val(stages, module, dm), bs)
+    return evaluate_scorers(scorers, dm.split, stages, bs, progress, module.train_cfg.cold_offset,
+                            module.train_cfg.cold_offset_tolerance)
+
+
+def _with_val(stages, module, dm) -> tuple[str, ...]:
+    """`stages`, plus validation where the cold-start offset is chosen on it."""
+    calibrate = module.train_cfg.cold_offset == "val" and len(dm.split.cold)
+    return tuple(dict.fromkeys(("val", *stages))) if calibrate else tuple(stages)
+
+
+def evaluate_scorers(scorers: dict, split, stages, batch_size: int, progress: bool = True,
+                     cold_offset: str = "none", tolerance: float = 0.0) -> dict[str, EvalResult]:
+    """Each of `stages` ranked with its scorer. Under the cold-start protocol with `cold_offset="val"`, the
+    never-trained items' scores get the offset with the best validation NDCG@10 (recsys/retrieval/cold.py) on
+    every stage; each result's `cold_offset` records it, its grid and the stage's uncalibrated metrics."""
+    calibration = None
+    if cold_offset == "val" and len(split.cold):
+        beta, table = choose_cold_offset(scorers["val"], split, "val", tolerance, batch_size=batch_size)
+        calibration = {"beta": beta, "tolerance": tolerance, "grid": table,
+                       "chosen_on": "val ndcg@10" if not tolerance else
+                       f"val cold/ndcg@10 within {tolerance:.0%} of the best val ndcg@10"}
+    out = {}
+    for stage in stages:
+        raw = evaluate(scorers[stage], split, stage, batch_size, progress=progress)
+        if calibration is None:
+            out[stage] = raw
+            continue
+        result = evaluate(with_cold_offset(scorers[stage], split.cold_mask(), calibration["beta"]), split, stage,
+                          batch_size, progress=progress) if calibration["beta"] else raw
+        out[stage] = replace(result, cold_offset={**calibration, "uncalibrated": raw.metrics})
+    return out
 
 
 def evaluate_module_sharded(module, dm, stages=("val", "test")) -> dict[str, EvalResult]:
@@ -100,9 +134,10 @@ def evaluate_run(target: str | Path, stage: str = "test", progress: bool = True,
     if served:
         user = served_tower(module.user_tower, cfg)
         item = user if module.item_tower is module.user_tower else served_tower(module.item_tower, cfg)
-        scorer = tower_scorers(user, item, dm.tokenizer, dm.item_texts, split, cfg.data, (stage,),
-                               cfg.train.eval_batch_size, progress)[stage]
-        return replace(evaluate(scorer, split, stage, cfg.train.eval_batch_size, progress=progress),
+        scorers = tower_scorers(user, item, dm.tokenizer, dm.item_texts, split, cfg.data,
+                                _with_val((stage,), module, dm), cfg.train.eval_batch_size, progress)
+        return replace(evaluate_scorers(scorers, split, (stage,), cfg.train.eval_batch_size, progress,
+                                        cfg.train.cold_offset, cfg.train.cold_offset_tolerance)[stage],
                        user_ids=ds.user_ids)
     return replace(evaluate_module(module, dm, (stage,), progress)[stage], user_ids=ds.user_ids)
 

@@ -339,6 +339,12 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
             results["test"].write_per_user(run_dir / "per_user_test.csv", ds.user_ids)
             metrics["test"] = results["test"].metrics
             metrics["evaluated_users"] = int(len(results["test"].users))
+        calibration = results["val"].cold_offset  # cold start: chosen on val, applied to every stage
+        if calibration is not None:
+            metrics["cold_offset"] = {k: v for k, v in calibration.items() if k != "uncalibrated"}
+            metrics.update({f"{stage}_uncalibrated": r.cold_offset["uncalibrated"] for stage, r in results.items()})
+            print(f"cold start: never-trained items' scores + {calibration['beta']:.4f} (train.cold_offset=val: "
+                  f"{calibration['chosen_on']}, {len(calibration['grid'])} offsets tried)")
         if module.gated:
             metrics["structure"] = module.structure_report()
             budget = metrics["structure"].get("budget")

@@ -28,6 +28,7 @@ class EvalResult:
     per_user: dict[str, np.ndarray]  # metric -> [U]
     metrics: dict[str, float]  # metric -> mean over users
     user_ids: list[str] | None = None  # original ids of all users (index -> id), when known
+    cold_offset: dict | None = None  # cold start: the offset of never-trained items' scores (recsys/retrieval/cold.py)
 
     def write_per_user(self, path: Path, user_ids: list[str] | None = None) -> None:
         names = list(self.per_user)
