@@ -213,7 +213,7 @@ class TrainConfig:
     # cold start (data.cold_items > 0): `val` adds one offset to the scores of the items no training step saw, the
     # value with the best validation NDCG@10 (recsys/retrieval/cold.py; metrics.json keeps the uncalibrated
     # numbers beside it) | none: the scores as trained
-    cold_offset: ColdOffset = "val"
+    cold_offset: ColdOffset = "val"  # cold start: never-trained items' score offset, chosen on val | none
     cold_offset_tolerance: float = 0.0  # share of that best val NDCG@10 the offset may spend to lift cold targets
     num_workers: int = 0  # DataLoader worker processes
     # 1 is the safe default: with another job on the cores, a small tower ran 16-60x slower with 2 threads than 1
