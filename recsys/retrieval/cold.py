@@ -1,7 +1,7 @@
 """Cold-start score calibration: one additive offset for the items no training step saw, chosen on validation.
 
-Why (measured on MIND, `data.cold_items=0.1`; README "Why trained towers lose cold items"): a sequence tower over frozen text vectors ranks
-a cold target well *among the cold items* (median rank 7-8 of 200; NDCG@10 ≈ 0.20 counting only cold items, above
+Why (measured on MIND, `data.cold_items=0.1`; README "Why trained towers lose cold items"): a sequence tower
+over frozen text vectors ranks a cold target well *among the cold items* (median rank 7-8 of 200; NDCG@10 ≈ 0.20 counting only cold items, above
 its warm targets' 0.17), yet scores *no* cold item into any user's top 10 (cold NDCG@10 exactly 0.0). Trained with a
 softmax over the warm catalog, the tower lifts the warm items that were positives and pushes the others down; an
 item it never saw keeps whatever its text maps to, so the best cold item per user scores 0.45-0.54 against the best
