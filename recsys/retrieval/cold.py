@@ -1,18 +1,18 @@
 """Cold-start score calibration: one additive offset for the items no training step saw, chosen on validation.
 
-Why (measured on MIND, `data.cold_items=0.1`; README "Why trained towers lose cold items"): a sequence tower
-over frozen text vectors ranks a cold target well *among the cold items* (median rank 7-8 of 200; NDCG@10 ≈ 0.20 counting only cold items, above
-its warm targets' 0.17), yet scores *no* cold item into any user's top 10 (cold NDCG@10 exactly 0.0). Trained with a
-softmax over the warm catalog, the tower lifts the warm items that were positives and pushes the others down; an
-item it never saw keeps whatever its text maps to, so the best cold item per user scores 0.45-0.54 against the best
-warm item's 0.66-0.68 (cosine). What it lacks is the item's prior (how often it is the next item), not the content
-match. DropoutNet (Volkovs et al. 2017, NeurIPS) learns that calibration by dropping ID inputs in training; with the
-cold items excluded from training entirely, the cheapest honest fix is the one the softmax view names: an additive
-log-prior for never-seen items, s(u, i) + β·[i cold], β one scalar chosen like any hyper-parameter — by validation
-NDCG@10 over a grid — and then fixed for the test split (Gift Cards, 3 seeds: cold targets 0.149 → 0.172 at equal
-overall NDCG@10). Where no offset raises overall NDCG@10 (measured on
-MIND: lifting cold items costs warm targets more than it gains), `tolerance` says how much overall validation
-accuracy may be spent to surface them, and the offset then maximises validation NDCG@10 on cold targets.
+Why (measured on MIND, `data.cold_items=0.1`; README "Why trained towers lose cold items"): a sequence tower over
+frozen text vectors ranks a cold target well *among the cold items* (median rank 7-8 of 200; NDCG@10 ≈ 0.20 counting
+only cold items, above its warm targets' 0.17), yet scores *no* cold item into any user's top 10 (cold NDCG@10 exactly
+0.0). Trained with a softmax over the warm catalog, the tower lifts the warm items that were positives and pushes the
+others down; an item it never saw keeps whatever its text maps to, so the best cold item per user scores 0.45-0.54
+against the best warm item's 0.66-0.68 (cosine). What it lacks is the item's prior (how often it is the next item),
+not the content match. DropoutNet (Volkovs et al. 2017, NeurIPS) learns that calibration by dropping ID inputs in
+training; with the cold items excluded from training entirely, the cheapest honest fix is the one the softmax view
+names: an additive log-prior for never-seen items, s(u, i) + β·[i cold], β one scalar chosen like any hyper-parameter
+— by validation NDCG@10 over a grid — and then fixed for the test split (Gift Cards, 3 seeds: cold targets 0.149 →
+0.172 at equal overall NDCG@10). Where no offset raises overall NDCG@10 (measured on MIND: lifting cold items costs
+warm targets more than it gains), `tolerance` says how much overall validation accuracy may be spent to surface them,
+and the offset then maximises validation NDCG@10 on cold targets.
 
 The grid is scale-free (cosine, dot or logit scorers alike): 0 and the quantiles of the per-user gap between the
 10th-best warm and the best cold item's score on validation (β = that quantile brings exactly that share of users'
