@@ -33,7 +33,7 @@ import torch
 
 from recsys.data.split import Split
 from recsys.retrieval.evaluate import Scorer, history_mask
-from recsys.retrieval.metrics import rank_of_targets
+from recsys.retrieval.metrics import per_user_metrics, rank_of_targets
 
 
 def with_cold_offset(scorer: Scorer, cold: np.ndarray, beta: float) -> Scorer:
@@ -61,15 +61,17 @@ def choose_cold_offset(scorer: Scorer, split: Split, stage: str = "val", toleran
         return 0.0, []
     users = split.eval_users
     cold_t = torch.from_numpy(cold)
+    top = min(10, int((~cold_t).sum()))
     batches = []
     for s in range(0, len(users), batch_size):
         b = users[s:s + batch_size]
         scores = scorer(b).float().cpu()  # [B, n_items]
         mask = history_mask(split, b, stage)  # [B, n_items]
+        targets = torch.from_numpy(split.target(stage)[b])  # [B]
         seen = scores.masked_fill(mask, float("-inf"))
         # the offset at which this user's best cold item enters the top 10 (ahead of the 10th-best warm item)
-        gap = seen[:, ~cold_t].topk(min(10, int((~cold_t).sum())), dim=1).values[:, -1] - seen[:, cold_t].max(1).values
-        batches.append((b, scores, mask, gap))
+        gap = seen[:, ~cold_t].topk(top, dim=1).values[:, -1] - seen[:, cold_t].max(1).values  # [B]
+        batches.append((scores, targets, mask, gap))
     gaps = torch.cat([g for *_, g in batches])
     gaps = gaps[torch.isfinite(gaps)].numpy()
     grid = sorted({0.0, *(float(q) for q in np.quantile(gaps, np.linspace(0, 1, n_grid + 1)[1:]) if q > 0)}) \
@@ -77,9 +79,9 @@ def choose_cold_offset(scorer: Scorer, split: Split, stage: str = "val", toleran
     is_cold_target = cold[split.target(stage)[users]]  # [U]
     table = []
     for beta in grid:
-        ranks = torch.cat([rank_of_targets(scores + cold_t * beta, torch.from_numpy(split.target(stage)[b]), mask)
-                           for b, scores, mask, _ in batches]).numpy()  # [U]
-        ndcg = np.where(ranks < 10, 1.0 / np.log2(np.where(ranks < 10, ranks, 0) + 2), 0.0)
+        ranks = torch.cat([rank_of_targets(scores + cold_t * beta, targets, mask)
+                           for scores, targets, mask, _ in batches]).numpy()  # [U]
+        ndcg = per_user_metrics(ranks)["ndcg@10"]  # [U]
         table.append({"beta": beta, "ndcg@10": float(ndcg.mean()),
                       "cold/ndcg@10": float(ndcg[is_cold_target].mean()) if is_cold_target.any() else 0.0})
     best = max(table, key=lambda r: (r["ndcg@10"], -r["beta"]))
