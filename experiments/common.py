@@ -18,7 +18,7 @@ from recsys.efficiency.latency import Timing, exclusive, interleaved, threads  #
 from recsys.errors import RecsysError  # noqa: E402
 from recsys.recipes.profile import online_request  # noqa: E402
 from recsys.recipes.train import train  # noqa: E402
-from recsys.tracking.records import environment_record, write_json  # noqa: E402
+from recsys.tracking.records import environment_record, hardware, write_json  # noqa: E402
 
 __all__ = ["positive_ints", "run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
 
@@ -73,6 +73,18 @@ def exit_with(main) -> None:
         sys.exit(2)
 
 
+def write_input_grid(path: Path, grid: list[dict]) -> None:
+    """A reference run's validation grid over input lengths, with the machine that evaluated it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"hardware": hardware(), "grid": grid})
+
+
+def read_input_grid(path: Path) -> list[dict]:
+    """The grid `write_input_grid` wrote (or, from before it recorded the machine, the bare list)."""
+    data = json.loads(Path(path).read_text())
+    return data["grid"] if isinstance(data, dict) else data
+
+
 def tuned_input(sweeps_dir: str | Path, run: str | Path) -> list[str] | None:
     """The serving overrides (token budget, history items) at which `run` scores best on validation, as
     experiments/ml100k_pareto.py chose and cached them (`<sweeps_dir>/reference-input-<run name>.json`); None
@@ -80,7 +92,7 @@ def tuned_input(sweeps_dir: str | Path, run: str | Path) -> list[str] | None:
     path = Path(sweeps_dir) / f"reference-input-{Path(run).name}.json"
     if not path.is_file():
         return None
-    best = max(json.loads(path.read_text()), key=lambda r: r["ndcg@10"])
+    best = max(read_input_grid(path), key=lambda r: r["ndcg@10"])
     return [f"data.user_max_tokens={best['user_max_tokens']}", f"data.history_items={best['history_items']}"]
 
 

@@ -19,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_benchmark
+from common import read_input_grid, write_benchmark, write_input_grid
 
 from recsys.errors import RecsysError
 from recsys.search.posthoc import posthoc_config
 from recsys.search.report import compare_fronts
 from recsys.search.study import load_sweep
 from recsys.search.sweep import sweep
-from recsys.tracking.records import write_json
 
 
 def _points(summary: dict, objectives: list[str]) -> list[tuple[float, float]]:
@@ -68,11 +67,10 @@ def tune_reference(cfg, tokens: list[int], history: list[int]) -> dict:
 
     cache = cfg.folder.parent / f"reference-input-{Path(cfg.reference_run).name}.json"
     if cache.is_file():
-        grid = json.loads(cache.read_text())
+        grid = read_input_grid(cache)
     else:
         grid = input_length_grid(cfg.reference_run, tokens, history, "val")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, grid)
+        write_input_grid(cache, grid)
     best = max(grid, key=lambda r: r["ndcg@10"])
     return {"grid_val": grid, "chosen": {k: best[k] for k in ("user_max_tokens", "history_items", "ndcg@10")}}
 

@@ -46,6 +46,8 @@ def test_pareto_then_structure_benchmark_end_to_end(tmp_path, tiny_model):
     assert recipe_out["structure_driven_by"] == "budget target (Lagrangian)"
     grid = recipe_out["reference_input"]["grid_val"]
     assert len(grid) == 4 and recipe_out["reference_input"]["chosen"]["ndcg@10"] == max(r["ndcg@10"] for r in grid)
+    cached = json.loads((tmp_path / "results" / "sweeps" / f"reference-input-{dense.name}.json").read_text())
+    assert cached["grid"] == grid and cached["hardware"]["cpu_flags"] is not None  # the machine, in the file
     assert set(recipe_out["posthoc_params"]) == {"compress.prune_ratio", "data.user_max_tokens", "data.history_items"}
     assert res["n_trials"] == res["n_trials_posthoc"] == 2
     steps = res["training_steps"]

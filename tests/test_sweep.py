@@ -63,6 +63,12 @@ def test_sweep_runs_reports_and_resumes(tmp_path, tiny_model, capsys):
     front = {int(p["trial"]) for p in pareto}
     for t in trials:
         assert (Path(t["run_dir"]) / "test_metrics.json").is_file() == (int(t["trial"]) in front)
+        # every file that holds a measurement names the machine it was measured on, inside itself
+        assert json.loads((Path(t["run_dir"]) / "metrics.json").read_text())["hardware"]["cpu_flags"] is not None
+        if int(t["trial"]) in front:
+            tested = json.loads((Path(t["run_dir"]) / "test_metrics.json").read_text())
+            assert tested["hardware"]["logical_cpus"] >= 1
+    assert not any(k.startswith("test_hardware") for k in pareto[0])  # the stamp is no test_* column
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["n_trials"] == 3 and summary["reference_point"] == [1.0, 1.0] and summary["hypervolume"] >= 0
     durations = sum(float(t["duration_s"]) for t in trials) / 60

@@ -65,8 +65,10 @@ def test_metrics(run_dir: str) -> dict:
         else:
             res = evaluate_run(run_dir, "test", progress=False)
         res.write_per_user(Path(run_dir) / "per_user_test.csv", res.user_ids)
-        write_json(path, res.metrics)
-    return json.loads(path.read_text())
+        write_json(path, {**res.metrics, "hardware": hardware()})  # the machine that evaluated it, in the file
+    metrics = json.loads(path.read_text())
+    # the metrics alone (the machine, and where that record came from, are no test_* columns)
+    return {k: v for k, v in metrics.items() if k not in ("hardware", "hardware_source")}
 
 
 def write_report(cfg: SweepConfig, wall_seconds: float | None = None, workers: int = 1, since=None) -> dict:
