@@ -35,6 +35,7 @@ ColdOffset = Literal["val", "none"]  # train.cold_offset: never-trained items' s
 UserTower = Literal["text", "sequence"]  # model.user_tower: the user-tower family (recsys/models/sequence_tower.py)
 ItemRepresentation = Literal["text", "text+id"]  # model.item_representation: inductive text, or text + a learned ID
 SequenceReadout = Literal["last", "mean_residual"]  # model.sequence_readout: the newest state, or mean + residual
+ItemSpace = Literal["item", "hidden"]  # model.item_space: items in the item encoder's dim, or the transformer's
 SequenceScore = Literal["cosine", "dot"]  # model.sequence_score: unit vectors (cosine / τ), or raw dot products
 ItemBackend = Literal["bert", "auto"]  # model.item_encoder_backend: our BERT module, or any HF model, frozen
 Pooling = Literal["mean", "cls", "last"]  # model.item_pooling (auto backend): token states → one item vector
@@ -142,6 +143,12 @@ class ModelConfig:
     # embedding per catalog item (transductive; UniSRec's fine-tuning setting), dropped with id_dropout in training
     item_representation: ItemRepresentation = "text"  # sequence tower: text (inductive) | text+id (transductive)
     id_dropout: float = 0.0  # text+id: probability that an item's ID embedding is dropped in a training step
+    # item: item representations live in the item encoder's dim (the adaptor's output; a zero-initialised ID
+    # embedding added to the text vector; a width change into and out of the transformer) | hidden: SASRec's layout
+    # (Kang & McAuley 2018) with a PLM item side: an item is a linear map of its frozen text vector into the
+    # transformer's width (+ an ID embedding initialised as SASRec's), scaled by sqrt(width) on input and scored
+    # against the same table (tied input and output embeddings); sequence_readout=last
+    item_space: ItemSpace = "item"  # sequence tower: item (the item encoder's dim) | hidden (SASRec's, tied)
     # bert: the item tower is our BERT module (trainable, gateable) | auto: item_encoder is any Hugging Face model
     # (or mpnet / smollm2, fetched by `recsys encoders fetch`) loaded with AutoModel, frozen, the catalog embedded
     # once offline and cached (recsys/models/item_encoder.py); sequence user towers only
@@ -171,6 +178,9 @@ class ModelConfig:
             raise ValueError("item_representation / sequence_readout / sequence_causal / sequence_score shape a "
                              "sequence user tower; "
                              "set model.user_tower=sequence")
+        if self.item_space == "hidden" and (self.user_tower != "sequence" or self.sequence_readout != "last"):
+            raise ValueError("item_space=hidden puts items in a sequence tower's width: set model.user_tower=sequence "
+                             "and model.sequence_readout=last (mean_residual reads out in the item encoder's dim)")
         if self.item_encoder_backend == "auto" and not (self.user_tower == "sequence" and self.freeze_item_tower):
             raise ValueError("item_encoder_backend=auto: a Hugging Face item encoder is frozen under a sequence "
                              "user tower; set model.user_tower=sequence model.freeze_item_tower=true")

@@ -78,6 +78,34 @@ def test_a_dot_score_tower_ranks_like_the_mean_at_step_0_and_learns_norms():
     assert (norms - 1).abs().max() > 1e-3
 
 
+def test_a_hidden_space_tower_is_sasrec_over_a_text_map_with_tied_embeddings():
+    """model.item_space=hidden: items are text_map(text vector) + an ID embedding in the transformer's width,
+    scored against the same table; the IDs start as SASRec's (random), so two items with the same text differ at
+    step 0 — unlike the item-space text+id tower, whose IDs start at zero (text only)."""
+    torch.manual_seed(0)
+    items = F.normalize(torch.randn(30, 12), dim=-1)
+    items[7] = items[3]  # two items with the same text
+    kw = dict(user_tower="sequence", sequence_items=6, sequence_hidden=8, sequence_causal=True,
+              item_representation="text+id", sequence_score="dot")
+    tower = build_sequence_tower(ModelConfig(item_space="hidden", **kw), 12, 6, n_catalog=30).eval()
+    keys = tower.represent_catalog(items)  # [30, 8]
+    assert keys.shape == (30, 8) and tower.dim == tower.key_dim == 8
+    assert tower.projection is None and tower.input is None
+    assert torch.allclose(keys, tower.text_map(items) + tower.item_ids.weight, atol=1e-6)
+    assert (keys[3] - keys[7]).abs().max() > 1e-2  # the IDs tell them apart from the start
+    split = _split()
+    ids = recent_items([split.history(int(u), "test") for u in split.eval_users], 6)
+    users = tower(*lookup(ids, items), ids=ids)  # [U, 8]: the history read through the same table
+    assert torch.allclose(users, tower.encode(*lookup(ids, keys)), atol=1e-6)
+    item_space = build_sequence_tower(ModelConfig(**kw), 12, 6, n_catalog=30).eval()
+    same = item_space.represent_catalog(items)  # [30, 12]: text + zero IDs
+    assert item_space.key_dim == 12 and torch.allclose(same[3], same[7])
+    with pytest.raises(ValueError, match="sequence_readout=last"):
+        ModelConfig(item_space="hidden", **{**kw, "sequence_readout": "mean_residual"})
+    with pytest.raises(ValueError, match="user_tower=sequence"):
+        ModelConfig(item_space="hidden")
+
+
 def test_a_causal_tower_does_not_read_the_future():
     torch.manual_seed(0)
     cfg = ModelConfig(user_tower="sequence", sequence_items=5, sequence_hidden=8, sequence_causal=True,
@@ -119,9 +147,14 @@ def test_cold_items_never_appear_in_training_and_stay_targets():
     assert hold_out_items(split, 0.0) is split
 
 
-def test_causal_text_id_run_on_the_cold_split_reports_warm_and_cold(tmp_path, tiny_model, capsys):
+HIDDEN = ["model.item_space=hidden", "model.sequence_readout=last", "model.sequence_score=dot",
+          "model.temperature=1.0"]
+
+
+@pytest.mark.parametrize("space", [[], HIDDEN], ids=["item_space", "hidden_space"])
+def test_causal_text_id_run_on_the_cold_split_reports_warm_and_cold(tmp_path, tiny_model, capsys, space):
     run = train_run(tiny_run_args(tiny_model, tmp_path), tmp_path, "cold", *CAUSAL,
-                    "model.item_representation=text+id", "model.id_dropout=0.2", "data.cold_items=0.2")
+                    "model.item_representation=text+id", "model.id_dropout=0.2", "data.cold_items=0.2", *space)
     err = capsys.readouterr().err
     assert "no trained ID embedding" in err  # text+id on cold items: says what the model does
     m = json.loads((run / "metrics.json").read_text())
@@ -137,7 +170,8 @@ def test_causal_text_id_run_on_the_cold_split_reports_warm_and_cold(tmp_path, ti
     assert m["val"]["ndcg@10"] == pytest.approx(max(r["ndcg@10"] for r in c["grid"]), abs=1e-6)
     assert m["val_uncalibrated"]["ndcg@10"] == pytest.approx(c["grid"][0]["ndcg@10"], abs=1e-6)
     assert set(m["test_uncalibrated"]) == set(t)
-    # the cold items' ID embeddings were never trained: they are still zero
+    # the cold items' ID embeddings were never trained: zero (item space: from the start; hidden space, whose IDs
+    # start random: zeroed before training), so a cold item is scored by its text alone
     state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     from recsys.config import load_config
     from recsys.data.registry import load_data

@@ -225,6 +225,10 @@ def test_sequence_tower_bad_inputs_are_one_line(tmp_path, tiny_model, capsys):
     err = one_line_error(capsys, "train", *args, *SEQ, f"model.init_from={text}", "tracking.run_name=s")
     assert "has a text user tower" in err and "sequence" in err
     assert not (tmp_path / "results" / "runs" / "s").exists()
+    err = one_line_error(capsys, "train", *args, *SEQ, "model.item_space=hidden", "model.sequence_readout=mean_residual")
+    assert "item_space=hidden" in err and "sequence_readout=last" in err
+    err = one_line_error(capsys, "train", *args, *SEQ, "model.item_space=width")
+    assert "item_space must be one of item, hidden" in err
     err = one_line_error(capsys, "train", *args, *SEQ, "compress.precision=int8")
     assert "fp32" in err
     err = one_line_error(capsys, "export", str(text.parent / "no-such-run"))
@@ -297,6 +301,8 @@ def test_sequence_config_is_described_and_validated():
     assert "user_tower: sequence" in text and "sasrec:" in text
     with pytest.raises(Exception, match="user_tower must be one of text, sequence"):
         load_config(None, ["model.user_tower=seq"])
+    hidden = load_config(Path(__file__).resolve().parents[1] / "configs" / "sequence_hidden.yaml").model
+    assert (hidden.item_space, hidden.sequence_readout, hidden.sequence_score) == ("hidden", "last", "dot")
 
 
 # --- the benchmark and its figure -----------------------------------------------------------------------------

@@ -68,17 +68,28 @@ class SequenceTower(nn.Module):
     `causal`: each position attends only to itself and older items (SASRec), so every position's output is a
     prediction of its next item (`train.objective=causal`).
     `score`: `cosine` re-normalises item representations and user vectors (score = cos / τ); `dot` leaves both as
-    they are (score = dot / τ, SASRec's: an item's norm can carry its popularity, which unit vectors cannot)."""
+    they are (score = dot / τ, SASRec's: an item's norm can carry its popularity, which unit vectors cannot).
+    `item_space="hidden"` (SASRec's layout, Kang & McAuley 2018): an item is `text_map` (a linear map of its frozen
+    text vector into the transformer's width H) plus, for text+id, an ID embedding initialised as SASRec's
+    (N(0, 1/H)); the transformer reads it scaled by √H and scores the catalog against the same table (tied input
+    and output embeddings), with no width change in between. An item never trained on (cold start) has its ID row
+    zeroed by the module before training, so it is scored by its text alone."""
 
     def __init__(self, encoder: BertEncoder, item_dim: int, projection_dim: int | None = None,
                  adaptor: bool = False, *, moe: int = 0, readout: str = "last", causal: bool = False,
-                 n_catalog: int = 0, id_dropout: float = 0.0, score: str = "cosine"):
+                 n_catalog: int = 0, id_dropout: float = 0.0, score: str = "cosine", item_space: str = "item"):
         super().__init__()
         self.unit = score == "cosine"
         H = encoder.shape.hidden
         self.encoder, self.item_dim = encoder, item_dim
         self.readout, self.causal, self.id_dropout = readout, causal, id_dropout
-        self.input = nn.Linear(item_dim, H) if H != item_dim else None  # into the transformer's width
+        hidden_space = item_space == "hidden"
+        if hidden_space and readout != "last":
+            raise RecsysError("item_space=hidden reads out the newest state (sequence_readout=last)")
+        # item_space=hidden: items are mapped into the width once, on the catalog side (and read scaled by √H)
+        self.text_map = nn.Linear(item_dim, H, bias=False) if hidden_space else None
+        self.input_scale = H ** 0.5 if hidden_space else 1.0
+        self.input = nn.Linear(item_dim, H) if H != item_dim and not hidden_space else None  # into the width
         self.adaptor: nn.Module | None = None
         if adaptor:  # residual MLP, starts as the identity (residual branch at zero)
             self.adaptor = nn.Sequential(nn.Linear(item_dim, item_dim), nn.GELU(), nn.Linear(item_dim, item_dim))
@@ -86,17 +97,27 @@ class SequenceTower(nn.Module):
             nn.init.zeros_(self.adaptor[2].bias)
         elif moe:
             self.adaptor = WhiteningMoE(item_dim, moe)
-        self.item_ids = nn.Embedding(n_catalog, item_dim) if n_catalog else None  # text+id: zero at the start
-        if self.item_ids is not None:
-            nn.init.zeros_(self.item_ids.weight)
+        id_dim = H if hidden_space else item_dim
+        self.item_ids = nn.Embedding(n_catalog, id_dim) if n_catalog else None  # text+id
+        if self.item_ids is not None and hidden_space:
+            nn.init.normal_(self.item_ids.weight, std=H ** -0.5)  # SASRec's initialisation
+        elif self.item_ids is not None:
+            nn.init.zeros_(self.item_ids.weight)  # the tower starts as the text-only one
         if readout == "mean_residual":
             projection_dim = item_dim  # the transformer's branch, added to the mean: starts at zero
+        if hidden_space:
+            projection_dim = None  # scored in the width, against the same table
         self.projection = nn.Linear(H, projection_dim) if projection_dim else None  # back to the item dim
         if readout == "mean_residual":
             nn.init.zeros_(self.projection.weight)
             nn.init.zeros_(self.projection.bias)
         self.dim = projection_dim or H
         self.gates: TowerGates | None = None
+
+    @property
+    def key_dim(self) -> int:
+        """The width of the item representations users are scored against (`represent`)."""
+        return self.text_map.out_features if self.text_map is not None else self.item_dim
 
     @property
     def n_items(self) -> int:
@@ -118,19 +139,22 @@ class SequenceTower(nn.Module):
 
     def represent(self, items: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Item representations from item-tower embeddings [..., d_item] (and their catalog ids [...], which a
-        text+id tower needs): adaptor, + ID embedding, re-normalised; without either, the vectors as they are.
-        Both sides read them: the history this tower attends over, and the catalog it is scored against."""
-        if self.adaptor is None and self.item_ids is None:
+        text+id tower needs): adaptor, (item_space=hidden: mapped into the width,) + ID embedding, re-normalised;
+        without any of them, the vectors as they are. Both sides read them: the history this tower attends over,
+        and the catalog it is scored against."""
+        if self.adaptor is None and self.item_ids is None and self.text_map is None:
             return items
         x = items
         if isinstance(self.adaptor, WhiteningMoE):
             x = self.adaptor(x)  # [..., d_item]
         elif self.adaptor is not None:
             x = x + self.adaptor(x)  # [..., d_item]
+        if self.text_map is not None:
+            x = self.text_map(x)  # [..., H]
         if self.item_ids is not None:
             if ids is None:
                 raise RecsysError("a text+id sequence tower needs the catalog ids of the items it reads")
-            e = self.item_ids(ids.clamp(min=0))  # [..., d_item]
+            e = self.item_ids(ids.clamp(min=0))  # [..., d_item or H]
             if self.training and self.id_dropout:
                 e = e * (torch.rand(e.shape[:-1] + (1,), device=e.device) >= self.id_dropout)
             x = x + e
@@ -156,11 +180,11 @@ class SequenceTower(nn.Module):
         if N > self.n_items:
             raise RecsysError(f"sequence tower: {N} history items, but it has {self.n_items} positions")
         m = mask.to(x.dtype)  # [B, N] 1 = an item
-        reps = x * m[..., None]  # [B, N, d_item]
+        reps = x * m[..., None]  # [B, N, d_item] (item_space=hidden: [B, N, H])
         if self.input is not None:
             x = self.input(reps)  # [B, N, H]
         else:
-            x = reps
+            x = reps * self.input_scale  # [B, N, H] (SASRec scales its item embeddings by √H)
         e = self.encoder.embed
         pos = e.position.weight[self.n_items - N:]  # [N, H] right-aligned: the newest item has the last position
         x = e.drop(e.ln(x + pos + e.token_type.weight[0]))  # [B, N, H]
@@ -205,10 +229,11 @@ def build_sequence_tower(cfg: ModelConfig, item_dim: int, n_items: int,
     with_ids = cfg.item_representation == "text+id"
     if with_ids and n_catalog < 1:
         raise RecsysError("model.item_representation=text+id: the tower needs the catalog size (an ID per item)")
-    tower = SequenceTower(enc, item_dim, item_dim if H != item_dim else None, cfg.sequence_adaptor,
+    tower = SequenceTower(enc, item_dim, item_dim if H != item_dim and cfg.item_space == "item" else None,
+                          cfg.sequence_adaptor,
                           moe=cfg.sequence_moe, readout=cfg.sequence_readout, causal=cfg.sequence_causal,
                           n_catalog=n_catalog if with_ids else 0, id_dropout=cfg.id_dropout,
-                          score=cfg.sequence_score)
+                          score=cfg.sequence_score, item_space=cfg.item_space)
     gates = compress.gates if compress is not None else []
     if "output" in gates:
         raise RecsysError("compress.gates: 'output' gates the user embedding's dims, which a sequence tower shares "

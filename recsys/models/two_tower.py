@@ -106,7 +106,8 @@ class TwoTowerModule(pl.LightningModule):
                     tower.gates.freeze()
         self.user_costs: CostNormaliser | None = None  # handed in by the recipe (`set_costs`)
         self.item_costs: CostNormaliser | None = None
-        item_dim = self.user_tower.item_dim if self.item_tower is None else self.item_tower.dim
+        # what a user vector is scored against: a sequence tower's item representations, else the item tower's
+        item_dim = self.user_tower.key_dim if self.sequence else self.item_tower.dim
         if self.user_tower.dim != item_dim:
             raise RecsysError(f"model: user tower dim {self.user_tower.dim} != item tower dim {item_dim}; "
                               "set model.projection_dim")
@@ -217,6 +218,10 @@ class TwoTowerModule(pl.LightningModule):
             raise RecsysError("item embeddings are cached only for a frozen item tower (model.freeze_item_tower)")
         self.item_cache = item_emb.clone()  # a normal tensor (encoders run in inference mode): autograd reads it
         self.excluded = excluded if excluded is not None and bool(excluded.any()) else None
+        ids = getattr(self.user_tower, "item_ids", None)
+        if self.excluded is not None and ids is not None:  # never trained (no gradient reaches them): text alone
+            with torch.no_grad():
+                ids.weight[self.excluded.to(ids.weight.device)] = 0.0
 
     # --- learnable structure: gates, penalties, budget ------------------------------------------------------
     @property

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 _reported = threading.Event()  # the line was printed: the failure that follows in this process stays quiet
+# {pid: rank} of the child ranks rank 0's watch has seen alive: a child that died is a zombie whose /proc environ
+# reads empty, so its rank can no longer be read there (rank_failure looks it up here)
+_known: dict[int, int] = {}
 
 
 def this_rank() -> int:
@@ -100,6 +103,7 @@ def watch_ranks(interval: float = 0.5) -> threading.Event:
         waiting: set[int] = set()
         while not stop.is_set():
             for pid, rank in _child_ranks(me).items():
+                _known[pid] = rank
                 if pid not in waiting:
                     waiting.add(pid)
                     threading.Thread(target=wait, args=(pid, rank), name=f"recsys-rank-{rank}", daemon=True).start()
@@ -145,7 +149,8 @@ def rank_failure(e: BaseException) -> str | None:
         return f"DDP: a peer rank died or stopped answering; rank {me} (pid {os.getpid()}) stops too"
     deadline = time.monotonic() + 1.0  # rank 0: a dying child may take a moment to be seen gone
     while True:
-        dead = {pid: rank for pid, rank in _child_ranks(os.getpid()).items() if not _alive(pid)}
+        ranks = {**_known, **_child_ranks(os.getpid())}  # a dead child's rank: from the watch (see _known)
+        dead = {pid: rank for pid, rank in ranks.items() if not _alive(pid)}
         if dead or time.monotonic() > deadline:
             break
         time.sleep(0.05)

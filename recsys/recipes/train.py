@@ -177,7 +177,7 @@ def prepare_module(module, dm, cfg: RunConfig) -> None:
         module.set_item_cache(catalog_vectors(module, dm.item_texts, dm.tokenizer, cfg.data, cfg.train.eval_batch_size),
                               torch.from_numpy(dm.split.cold_mask()))
         if len(dm.split.cold) and cfg.model.item_representation == "text+id":
-            print(f"cold start: {len(dm.split.cold)} held-out items have no trained ID embedding (it stays zero); a "
+            print(f"cold start: {len(dm.split.cold)} held-out items have no trained ID embedding (its row is zero); a "
                   "text+id tower scores them by their text alone", file=sys.stderr)
     if module.distiller is not None:
         module.distiller.cache_items(dm.item_texts, dm.tokenizer, cfg.data.item_max_tokens)
