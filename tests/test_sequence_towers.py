@@ -225,7 +225,8 @@ def test_sequence_tower_bad_inputs_are_one_line(tmp_path, tiny_model, capsys):
     err = one_line_error(capsys, "train", *args, *SEQ, f"model.init_from={text}", "tracking.run_name=s")
     assert "has a text user tower" in err and "sequence" in err
     assert not (tmp_path / "results" / "runs" / "s").exists()
-    err = one_line_error(capsys, "train", *args, *SEQ, "model.item_space=hidden", "model.sequence_readout=mean_residual")
+    err = one_line_error(capsys, "train", *args, *SEQ, "model.item_space=hidden",
+                         "model.sequence_readout=mean_residual")
     assert "item_space=hidden" in err and "sequence_readout=last" in err
     err = one_line_error(capsys, "train", *args, *SEQ, "model.item_space=width")
     assert "item_space must be one of item, hidden" in err
