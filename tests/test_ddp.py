@@ -97,3 +97,28 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_rank_zeros_failure_line_names_a_child_that_died_before_its_collective_failed():
+    """Rank 0's collective fails after a child rank was SIGKILLed: the child is a zombie by then, whose /proc environ
+    reads empty, so its rank comes from what the watch saw while it was alive — the line names it and how it died."""
+    from recsys.recipes import ranks
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             env={**os.environ, "LOCAL_RANK": "1"})
+    stop = ranks.watch_ranks(interval=0.05)
+    try:
+        deadline = time.monotonic() + HANG_S  # a hang guard: the watch sees the child (an event, not a duration)
+        while ranks._known.get(child.pid) != 1:
+            assert time.monotonic() < deadline, "the watch never saw the child rank"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        while _running(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        line = ranks.rank_failure(RuntimeError("[gloo] Connection closed by peer"))
+        assert line == f"DDP rank 1 (pid {child.pid}) died (killed by SIGKILL); the run stops"
+    finally:
+        stop.set()
+        child.kill()
+        child.wait()
