@@ -229,8 +229,7 @@ def build_sequence_tower(cfg: ModelConfig, item_dim: int, n_items: int,
     with_ids = cfg.item_representation == "text+id"
     if with_ids and n_catalog < 1:
         raise RecsysError("model.item_representation=text+id: the tower needs the catalog size (an ID per item)")
-    tower = SequenceTower(enc, item_dim, item_dim if H != item_dim and cfg.item_space == "item" else None,
-                          cfg.sequence_adaptor,
+    tower = SequenceTower(enc, item_dim, item_dim if H != item_dim else None, cfg.sequence_adaptor,
                           moe=cfg.sequence_moe, readout=cfg.sequence_readout, causal=cfg.sequence_causal,
                           n_catalog=n_catalog if with_ids else 0, id_dropout=cfg.id_dropout,
                           score=cfg.sequence_score, item_space=cfg.item_space)

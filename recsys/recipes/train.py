@@ -40,7 +40,7 @@ from recsys.serving.latency_tables import SequenceInput, load_or_build
 from recsys.serving.materialize import materialize
 from recsys.serving.quantize import route_for
 from recsys.serving.routes import request_calls
-from recsys.tracking.records import environment_record, hardware, staged_dir, write_json
+from recsys.tracking.records import environment_record, staged_dir, write_json
 
 LAST = "checkpoints/last.ckpt"  # a fit's last full-state checkpoint, inside its staging folder
 
@@ -355,10 +355,11 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
         if wandb_logger is not None:  # the run's W&B summary: what a reader of the dashboard looks for
             metrics["online_latency_ms"] = _online_latency(module, cfg, split.n_items)
             wandb_logger.experiment.summary.update(wandb_summary(metrics, cfg))
+        record = environment_record()
         # the machine its train_minutes / online_latency_ms were measured on, inside the file that holds them
-        metrics["hardware"] = hardware()
+        metrics["hardware"] = record["hardware"]
         write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / "record.json", {**environment_record(), "dataset": ds.stats()})
+        write_json(run_dir / "record.json", {**record, "dataset": ds.stats()})
         _finish(trainer)
     return {"run_dir": str(final), **metrics}
 
