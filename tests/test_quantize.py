@@ -42,6 +42,19 @@ def test_qat_fake_quantisation_equals_the_int8_kernels(tower):
     assert (sim - float_out).abs().max() > 1e-4  # and that is not the float model
 
 
+# ONNX Runtime's int8 kernels differ per CPU (AVX2 / AVX-512 VNNI / AMX): on one CI machine an activation on a
+# rounding boundary landed one step away from the simulation's, moving the trained tower's output by 1.3e-5 (6e-8 on
+# an AMX Xeon). The simulation still has to be several times closer to the session than the float model is.
+SIMULATION_TOLERANCE = 1e-4
+
+
+def _assert_simulates(simulated, served, float_out):
+    gap = (simulated - served).abs().max()
+    assert gap < SIMULATION_TOLERANCE
+    assert (float_out - served).abs().max() > 5 * gap
+    return gap
+
+
 def _ort_int8(tower, x, layers):
     with torch.no_grad():
         return serve(tower, "ort-int8", x, layers)(x)
@@ -58,9 +71,7 @@ def test_ort_fake_quantisation_equals_the_onnxruntime_session(tower, layers):
     with torch.no_grad():
         simulated, float_out = sim(**x), tower(**x)
     served = _ort_int8(tower, x, layers)
-    gap = (simulated - served).abs().max()
-    assert gap < 1e-5  # QAT trains on what ONNX Runtime serves
-    assert (simulated - float_out).abs().max() > 5 * gap
+    gap = _assert_simulates(simulated, served, float_out)  # QAT trains on what ONNX Runtime serves
     if layers != ORT:  # only the named layers are quantized, in the session as in the simulation
         with torch.no_grad():
             assert (simulate_int8(tower, ORT, "onnxruntime")(**x) - served).abs().max() > 5 * gap
@@ -130,7 +141,7 @@ def test_onnxruntime_qat_run_trains_loads_and_deploys(small_synthetic_args, tmp_
     x = _inputs(batch=1, seq=16)
     with torch.no_grad():
         served = _ort_int8(tower, x, ORT)
-        assert (simulate_int8(tower, ORT, "onnxruntime")(**x) - served).abs().max() < 1e-5
+        _assert_simulates(simulate_int8(tower, ORT, "onnxruntime")(**x), served, tower(**x))
 
 
 def test_quantization_bad_input(small_synthetic_args, tmp_path, capsys):
