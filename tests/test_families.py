@@ -294,6 +294,8 @@ def test_families_notebook_draws_its_figures(tmp_path):
     assert problems("ml100k_families.json", data) == []
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "ml100k_families.json").write_text(json.dumps(data))
+    # a variant from `--out`, measured in its own process: its own panel and table rows
+    (tmp_path / "benchmarks" / "ml100k_families_hidden.json").write_text(json.dumps(data))
     nb = nbformat.read(REPO / "notebooks" / "families.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(REPO / "notebooks")}}).execute(
         env={**os.environ, "RECSYS_RESULTS": str(tmp_path)})
@@ -303,6 +305,7 @@ def test_families_notebook_draws_its_figures(tmp_path):
     html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "text/html" in o.get("data", {})]
     assert html and "sequence_mpnet_text" in html[0] and "ml100k (cold)" in html[0]
+    assert "ml100k_hidden (warm)" in html[0]
 
 
 def test_families_item_tower_from_must_be_a_finished_run(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import HANG_S
 
-from recsys.tracking.schemas import SCHEMAS, problems
+from recsys.tracking.schemas import SCHEMAS, problems, schema_of
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -93,11 +93,22 @@ def test_notebook_refuses_a_file_that_breaks_its_schema(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_committed_benchmarks_and_fixtures_follow_their_schema(name):
-    path = REPO / "results" / "benchmarks" / name
-    if path.is_file():
-        assert problems(name, json.loads(path.read_text())) == []
+    # a pattern (`*_families*.json`) checks every committed file it matches
+    for path in sorted((REPO / "results" / "benchmarks").glob(name)):
+        assert problems(path.name, json.loads(path.read_text())) == []
     fixtures = {"ml100k_lambda.json": _lambda_runs, "ml100k_pareto.json": _pareto,
                 "ml100k_compression.json": _compression}
     if name in fixtures:
         assert problems(name, fixtures[name]()) == []
     assert problems(name, {}) != []  # the schema asks for something
+
+
+def test_a_schema_pattern_covers_every_variant_a_benchmark_writes():
+    families = SCHEMAS["*_families*.json"]
+    assert all(schema_of(n) is families for n in ("mind_families.json", "ml100k_families_hidden.json"))
+    assert schema_of("ml100k_pareto.json") is SCHEMAS["ml100k_pareto.json"]  # an exact name first
+    assert schema_of("ml100k_baselines.json") is None
+    assert problems("ml100k_baselines.json", {"rows": []}) == ["ml100k_baselines.json: no schema for this file name"]
+    assert problems("mind_families_grid.json", {"dataset": "mind"}) == [
+        "mind_families_grid.json: no key 'rows'", "mind_families_grid.json: no key 'protocols'",
+        "mind_families_grid.json: no key 'hardware'"]
