@@ -17,7 +17,7 @@ from recsys.config import load_config, read_yaml  # noqa: E402
 from recsys.efficiency.latency import Timing, exclusive, interleaved, threads  # noqa: E402
 from recsys.errors import RecsysError  # noqa: E402
 from recsys.recipes.profile import online_request  # noqa: E402
-from recsys.recipes.train import train  # noqa: E402
+from recsys.recipes.train import LAST, train  # noqa: E402
 from recsys.tracking.records import environment_record, hardware, write_json  # noqa: E402
 
 __all__ = ["positive_ints", "run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
@@ -32,12 +32,14 @@ def run_matrix(path: str | Path) -> dict[str, list[str]]:
 
 
 def train_or_reuse(config: str, overrides: list[str], name: str, results_dir: str | Path = "results") -> Path:
-    """results/runs/<name>: trained from `config` + `overrides` unless it already holds metrics.json."""
+    """results/runs/<name>: trained from `config` + `overrides` unless it already holds metrics.json; a fit that
+    was stopped with a full-state checkpoint (`train.checkpoint_every_steps`) continues from it (`--resume`)."""
     run = Path(results_dir) / "runs" / name
     if not (run / "metrics.json").is_file():
-        print(f"== training {name}", flush=True)
+        resume = (run.with_name(f"{name}.partial") / LAST).is_file()
+        print(f"== {'resuming' if resume else 'training'} {name}", flush=True)
         train(load_config(config, [*overrides, f"tracking.results_dir={results_dir}", f"tracking.run_name={name}",
-                                   "tracking.progress_bar=false"]))
+                                   "tracking.progress_bar=false"]), resume=resume)
     return run
 
 

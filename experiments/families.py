@@ -45,7 +45,7 @@ from recsys.efficiency.latency import exclusive, interleaved, threads
 from recsys.errors import RecsysError
 from recsys.models.encoder import load_tokenizer, resolve_model_path
 from recsys.models.item_encoder import cache_meta, catalog_vectors
-from recsys.models.sasrec import SASRec, fit_sasrec, run_sasrec, sasrec_scorer
+from recsys.models.sasrec import SASRec, fit_sasrec, sasrec_scorer
 from recsys.models.sequence_tower import mean_item_scorers
 from recsys.recipes.baselines import run_zero_shot
 from recsys.recipes.profile import online_request
@@ -114,31 +114,39 @@ def cached(path: Path, compute):
 
 
 def sasrec_rows(split, cfg, seeds: list[int], folder: Path, chosen: dict | None) -> tuple[dict, dict, SASRec]:
-    """SASRec on this split: the grid with the first seed (when `chosen` is None: the warm split), then the chosen
-    point with every seed. Returns (row pieces, chosen point, the first seed's model)."""
-    tests, infos = [], []
-    for seed in seeds:
-        def fit(seed=seed, chosen=chosen):
-            if chosen is None:
-                test, info = run_sasrec(split, replace(cfg, seed=seed), progress=True, keep_model=True)
-            else:
-                point = replace(cfg, seed=seed, hidden=[chosen["hidden"]], dropout=[chosen["dropout"]],
-                                max_len=[chosen["max_len"]])
-                model, fitted = fit_sasrec(split, point, chosen["hidden"], chosen["dropout"], chosen["max_len"], True)
-                test = evaluate(sasrec_scorer(model, split, "test"), split, "test", progress=False)
-                info = {**chosen, "val": fitted["val"], "train_minutes": fitted["train_minutes"],
-                        "epochs": fitted["epochs"], "model": model}
-            torch.save(info.pop("model").state_dict(), folder / f"sasrec_seed{seed}.pt")
-            return {"seed": seed, "test": test.metrics, **info}
-        row = cached(folder / f"sasrec_seed{seed}.json", fit)
-        chosen = chosen or {k: row[k] for k in ("hidden", "dropout", "max_len")}
-        tests.append(row["test"])
-        infos.append(row)
+    """SASRec on this split: every grid point with the first seed (when `chosen` is None: the warm split), then the
+    chosen point with every seed. Each (point, seed) is its own piece, `sasrec_seed{S}_h{H}_p{P}_L{L}.json` (+ .pt),
+    so widening the grid trains only the new points and a changed `--sasrec` never reuses a stale choice.
+    Returns (row pieces, chosen point, the first seed's model)."""
+    def piece(seed: int, hidden: int, dropout: float, max_len: int) -> dict:
+        name = f"sasrec_seed{seed}_h{hidden}_p{dropout}_L{max_len}"  # no with_suffix: p0.2 has a dot
+        weights = folder / f"{name}.pt"
+
+        def fit():
+            point = replace(cfg, seed=seed)
+            model, fitted = fit_sasrec(split, point, hidden, dropout, max_len, True)
+            torch.save(model.state_dict(), weights)
+            test = evaluate(sasrec_scorer(model, split, "test"), split, "test", progress=False)
+            return {"seed": seed, "hidden": hidden, "dropout": dropout, "max_len": max_len, "test": test.metrics,
+                    "val": fitted["val"], "epochs": fitted["epochs"], "train_minutes": fitted["train_minutes"]}
+        return cached(folder / f"{name}.json", fit) | {"weights": weights}
+
+    if split.n_items < 2:
+        raise RecsysError(f"sasrec: the catalog has {split.n_items} item; SASRec ranks a next item among at least 2")
+    grid = None
+    if chosen is None:  # the grid, with the first seed; the best validation NDCG@10 is chosen
+        tried = [piece(seeds[0], h, p, n) for h, p, n in itertools.product(cfg.hidden, cfg.dropout, cfg.max_len)]
+        best = max(tried, key=lambda t: t["val"]["ndcg@10"])
+        chosen = {k: best[k] for k in ("hidden", "dropout", "max_len")}
+        grid = [{**{k: t[k] for k in ("hidden", "dropout", "max_len")}, "val_ndcg@10": t["val"]["ndcg@10"],
+                 "epochs": t["epochs"], "train_minutes": t["train_minutes"]} for t in tried]
+    infos = [piece(seed, chosen["hidden"], chosen["dropout"], chosen["max_len"]) for seed in seeds]
     model = SASRec(split.n_items, chosen["hidden"], chosen["max_len"], cfg.n_layers, cfg.n_heads, chosen["dropout"])
-    model.load_state_dict(torch.load(folder / f"sasrec_seed{seeds[0]}.pt", weights_only=True))
+    model.load_state_dict(torch.load(infos[0]["weights"], weights_only=True))
     extra = {"hyperparameters": chosen, "train_minutes": float(np.mean([r["train_minutes"] for r in infos])),
-             "grid": infos[0].get("grid"), "budget": f"≤ {cfg.epochs} epochs, early stopping every {cfg.eval_every}"}
-    return extra | {"tests": tests}, chosen, model.eval()
+             "epochs": [r["epochs"] for r in infos], "grid": grid,
+             "budget": f"≤ {cfg.epochs} epochs, early stopping every {cfg.eval_every}"}
+    return extra | {"tests": [r["test"] for r in infos]}, chosen, model.eval()
 
 
 def run_rows(name: str, split_name: str, runs: list[Path], **extra) -> dict:

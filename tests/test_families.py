@@ -350,3 +350,32 @@ def test_finetuned_item_tower_goes_under_the_sequence_tower_frozen(tmp_path, tin
     _, b = load_run(seq)
     for (k, w), v in zip(a.item_tower.state_dict().items(), b.item_tower.state_dict().values(), strict=True):
         assert torch.equal(w, v), k
+
+
+def test_sasrec_pieces_are_per_grid_point_so_a_wider_grid_trains_only_its_new_points(tmp_path):
+    """families.py keeps SASRec per (seed, point): widening `--sasrec` reuses the trained points, trains the new
+    one, re-chooses on validation over all of them and trains only the chosen point with the other seeds."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from families import SMOKE, sasrec_rows
+
+    from recsys.config import load_config
+    from recsys.data.registry import load_data
+
+    def cfg(lens: str):
+        return load_config(None, [*SMOKE, "sasrec.hidden=[16]", "sasrec.dropout=[0.2]", f"sasrec.max_len={lens}",
+                                  "sasrec.epochs=2", "sasrec.eval_every=1", "sasrec.max_minutes=null"])
+    _, split = load_data(cfg("[4]").data)
+    rows, chosen, _ = sasrec_rows(split, cfg("[4]").sasrec, [0], tmp_path, None)
+    first = tmp_path / "sasrec_seed0_h16_p0.2_L4.json"
+    assert chosen["max_len"] == 4 and [g["max_len"] for g in rows["grid"]] == [4] and first.is_file()
+    stamp = first.stat().st_mtime_ns
+    rows, chosen, model = sasrec_rows(split, cfg("[4,6]").sasrec, [0, 1], tmp_path, None)
+    assert first.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert [g["max_len"] for g in rows["grid"]] == [4, 6]
+    best = max(rows["grid"], key=lambda g: g["val_ndcg@10"])
+    assert chosen["max_len"] == best["max_len"] == model.max_len
+    assert (tmp_path / f"sasrec_seed1_h16_p0.2_L{best['max_len']}.json").is_file()
+    assert not (tmp_path / f"sasrec_seed1_h16_p0.2_L{10 - best['max_len']}.json").exists()
+    assert len(rows["tests"]) == 2 and rows["epochs"] == [json.loads((tmp_path / f"sasrec_seed{s}_h16_p0.2_L"
+                                                                     f"{best['max_len']}.json").read_text())["epochs"]
+                                                          for s in (0, 1)]

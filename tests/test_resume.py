@@ -3,6 +3,10 @@
 optimizer and schedule restored — and ends where an uninterrupted run with the same seed ends."""
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 from conftest import tiny_run_args
@@ -56,3 +60,23 @@ def test_resume_without_an_interrupted_run_is_one_line(tmp_path, tiny_model, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no interrupted run none to continue" in err
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))
+
+
+def test_a_benchmark_run_that_crashed_continues_from_its_checkpoint(tmp_path, tiny_model):
+    """`experiments/common.train_or_reuse` (every benchmark's runs): a run stopped mid-fit with a full-state
+    checkpoint continues from it instead of refusing (or starting again), and ends as an uninterrupted one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from common import train_or_reuse
+
+    results = tmp_path / "results"
+    over = [*tiny_run_args(tiny_model, tmp_path), "model.dropout=0.0", "train.checkpoint_every_steps=3",
+            "train.epochs=2"]
+    straight = train_or_reuse(None, over, "straight", results)
+    with pytest.raises(RuntimeError, match="crash at step 7"):
+        train(load_config(None, [*over, f"tracking.results_dir={results}", "tracking.run_name=piece",
+                                 "tracking.progress_bar=false"]), callbacks=[Crash(7)])
+    assert (results / "runs" / "piece.partial" / "checkpoints" / "last.ckpt").is_file()
+    run = train_or_reuse(None, over, "piece", results)
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (straight, run))
+    assert b["steps"] == a["steps"] == 16 and not (results / "runs" / "piece.partial").exists()
+    assert b["test"]["ndcg@10"] == pytest.approx(a["test"]["ndcg@10"], abs=1e-6)
