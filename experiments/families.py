@@ -122,14 +122,18 @@ def sasrec_rows(split, cfg, seeds: list[int], folder: Path, chosen: dict | None)
         name = f"sasrec_seed{seed}_h{hidden}_p{dropout}_L{max_len}"  # no with_suffix: p0.2 has a dot
         weights = folder / f"{name}.pt"
 
+        state = folder / f"{name}.state.pt"  # a stopped fit continues from its last validation
+
         def fit():
             point = replace(cfg, seed=seed)
-            model, fitted = fit_sasrec(split, point, hidden, dropout, max_len, True)
+            model, fitted = fit_sasrec(split, point, hidden, dropout, max_len, True, state=state)
             torch.save(model.state_dict(), weights)
             test = evaluate(sasrec_scorer(model, split, "test"), split, "test", progress=False)
             return {"seed": seed, "hidden": hidden, "dropout": dropout, "max_len": max_len, "test": test.metrics,
                     "val": fitted["val"], "epochs": fitted["epochs"], "train_minutes": fitted["train_minutes"]}
-        return cached(folder / f"{name}.json", fit) | {"weights": weights}
+        out = cached(folder / f"{name}.json", fit) | {"weights": weights}
+        state.unlink(missing_ok=True)
+        return out
 
     if split.n_items < 2:
         raise RecsysError(f"sasrec: the catalog has {split.n_items} item; SASRec ranks a next item among at least 2")

@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--up-at", type=float, help="more accurate model when p99 < this × SLO and it fits (default 0.5)")
     v.add_argument("--max-utilization", type=float,
                    help="a more accurate model is taken back only below this predicted utilisation (default 0.7)")
+    v.add_argument("--overload-at", type=float,
+                   help="the serving model moves down at once above this predicted utilisation (default 1.0)")
     v.add_argument("--queue-timeout-s", type=float, help="answer 504 to a request queued longer (default 30)")
     v.add_argument("--max-body-bytes", type=int, help="413 for larger request bodies (default 65536)")
     v.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, longest wait for requests in flight (default 30)")

@@ -604,6 +604,7 @@ class ServeConfig:
     down_at: float = 0.8  # p99 above down_at × SLO: the next faster model
     up_at: float = 0.5  # p99 below up_at × SLO and the slower model fits the load: the next more accurate model
     max_utilization: float = 0.7  # a more accurate model is taken back only below this predicted utilisation
+    overload_at: float = 1.0  # the serving model's predicted utilisation above which it moves down at once
     max_batch: int = 1  # dynamic batching: most requests one forward serves (LitServe max_batch_size)
     batch_timeout_ms: float = 0.0  # dynamic batching: longest wait for a batch to fill (LitServe batch_timeout)
     queue_timeout_s: float = 30.0  # a request queued longer is answered 504 without being computed
@@ -613,12 +614,15 @@ class ServeConfig:
 
     def __post_init__(self):
         _check_positive(self, "slo_ms", "window", "min_samples", "max_batch", "queue_timeout_s", "max_body_bytes",
-                        "drain_timeout_s", "threads", "max_utilization")
+                        "drain_timeout_s", "threads", "max_utilization", "overload_at")
         _check_range(self, "batch_timeout_ms", 0, None)
         _check_range(self, "down_at", 0, None)
         _check_range(self, "up_at", 0, None)
         if self.min_samples > self.window:
             raise ValueError(f"min_samples ({self.min_samples}) must be <= window ({self.window})")
+        if self.overload_at <= self.max_utilization:
+            raise ValueError(f"overload_at ({self.overload_at}) must be above max_utilization "
+                             f"({self.max_utilization}): a model taken back must not be overloaded at once")
         if self.up_at >= self.down_at:
             raise ValueError(f"up_at ({self.up_at}) must be below down_at ({self.down_at}): the gap is the "
                              "controller's hysteresis")

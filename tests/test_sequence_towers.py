@@ -3,6 +3,7 @@
 real code: tiny real BERTs, the synthetic dataset, the real Trainer and CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def test_sasrec_is_seeded():
     a, _ = fit_sasrec(split, cfg, 16, 0.2, 8)
     b, _ = fit_sasrec(split, cfg, 16, 0.2, 8)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_a_stopped_sasrec_fit_continues_from_its_state_and_ends_as_an_uninterrupted_one(tmp_path):
+    split = cyclic_split(n_users=20)
+    cfg = SASRecConfig(hidden=[16], dropout=[0.2], max_len=[8], epochs=4, eval_every=1, patience=5)
+    straight, _ = fit_sasrec(split, cfg, 16, 0.2, 8)
+    state = tmp_path / "fit.state.pt"
+    fit_sasrec(split, dataclasses.replace(cfg, epochs=2), 16, 0.2, 8, state=state)  # stopped after 2
+    assert state.is_file() and torch.load(state, weights_only=False)["epoch"] == 2
+    resumed, info = fit_sasrec(split, cfg, 16, 0.2, 8, state=state)
+    assert info["epochs"] == 4
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values(),
+                                                   strict=True))
 
 
 def test_baselines_cli_runs_sasrec_beside_ease(tmp_path, capsys):

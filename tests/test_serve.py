@@ -61,6 +61,22 @@ def test_controller_moves_down_when_the_tail_crosses_the_slo_and_not_before():
     assert sw == [] and c.model == "mid"
 
 
+def test_controller_moves_down_at_once_when_the_arrivals_overload_the_model():
+    # "big" costs 30 ms per request; at 50 arrivals/s its utilisation is 1.5: the queue grows without bound, so
+    # the controller moves before the tail (here still below down_at × SLO) shows it
+    c = Controller(["big", "mid", "small"], settings(window=64, min_samples=8))
+    sw, t = feed(c, [40.0] * 7, 0.0, 0.02, compute_ms=30.0)
+    assert sw == [] and c.model == "big"  # fewer than min_samples arrivals: the rate is not known yet
+    sw, t = feed(c, [40.0], t, 0.02, compute_ms=30.0)
+    assert [(s.src, s.dst) for s in sw] == [("big", "mid")] and "utilisation 1.50 > 1" in sw[0].reason
+    # "mid" at 15 ms per request: utilisation 0.75, between max_utilization and overload_at — it stays
+    sw, t = feed(c, [40.0] * 30, t, 0.02, compute_ms=15.0)
+    assert sw == [] and c.model == "mid"
+    # without an SLO nothing is held: an overloaded model is not replaced
+    none = Controller(["big", "small"], settings(slo_ms=float("inf")))
+    assert feed(none, [40.0] * 30, 0.0, 0.02, compute_ms=30.0)[0] == [] and none.model == "big"
+
+
 def test_controller_never_moves_past_either_end():
     c = Controller(["big", "small"], settings())
     feed(c, [500.0] * 30, 0.0, 0.01)
@@ -281,7 +297,8 @@ def test_controller_switches_under_an_injected_delay_and_back(runs, server):
     order = server.get("/metrics")[1]["order"]
     slow, fast = order
     s = Server(*(str(r) for r in runs), "--slo-ms", "400", "--window", "8", "--min-samples", "3",
-               "--max-utilization", "100", "--inject-delay-ms", f"{slow}=800", "--index", "flat")
+               "--max-utilization", "100", "--overload-at", "1000", "--inject-delay-ms", f"{slow}=800",
+               "--index", "flat")
     try:
         served = []
         for _ in range(3):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,16 +115,31 @@ def sasrec_scorer(model: SASRec, split: Split, stage: str) -> Scorer:
 
 
 def fit_sasrec(split: Split, cfg: SASRecConfig, hidden: int, dropout: float, max_len: int,
-               progress: bool = False) -> tuple[SASRec, dict]:
+               progress: bool = False, state: Path | None = None) -> tuple[SASRec, dict]:
     """Train one SASRec (full-softmax CE at every position) with early stopping on validation NDCG@10 every
-    `cfg.eval_every` epochs; returns the best model on validation and {val metrics, epochs, minutes}."""
+    `cfg.eval_every` epochs; returns the best model on validation and {val metrics, epochs, minutes}.
+    With `state`, the whole fit (model, optimizer, both random streams, early-stopping record, minutes so far) is
+    saved there at every validation and a fit stopped midway continues from it, ending as an uninterrupted one
+    would; the caller removes the file once the result is kept."""
     torch.manual_seed(cfg.seed)
     model = SASRec(split.n_items, hidden, max_len, cfg.n_layers, cfg.n_heads, dropout)
     inputs, targets = training_pairs(split, max_len)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, best_state, since, t0, epoch = None, None, 0, time.perf_counter(), 0
-    for epoch in range(1, cfg.epochs + 1):
+    best, best_state, since, t0, start, before = None, None, 0, time.perf_counter(), 1, 0.0
+    if state is not None and state.is_file():
+        saved = torch.load(state, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best, best_state, since, before = saved["best"], saved["best_state"], saved["since"], saved["minutes"]
+        start = saved["epoch"] + 1
+        if progress:
+            print(f"sasrec h={hidden} p={dropout} L={max_len}: continuing after epoch {saved['epoch']} ({state})",
+                  flush=True)
+    epoch = start - 1
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         for idx in torch.randperm(len(inputs), generator=gen).split(cfg.batch_size):
             x, y = inputs[idx], targets[idx]  # [b, L] each
@@ -133,7 +149,7 @@ def fit_sasrec(split: Split, cfg: SASRecConfig, hidden: int, dropout: float, max
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out_of_time = cfg.max_minutes is not None and time.perf_counter() - t0 > cfg.max_minutes * 60
+        out_of_time = cfg.max_minutes is not None and before + (time.perf_counter() - t0) / 60 > cfg.max_minutes
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time:
             model.eval()
             val = evaluate(sasrec_scorer(model, split, "val"), split, "val", progress=False).metrics
@@ -146,8 +162,15 @@ def fit_sasrec(split: Split, cfg: SASRecConfig, hidden: int, dropout: float, max
                 since += 1
             if since >= cfg.patience or out_of_time:
                 break
+            if state is not None:
+                tmp = state.with_name(state.name + ".tmp")
+                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+                            "best_state": best_state, "since": since,
+                            "minutes": before + (time.perf_counter() - t0) / 60}, tmp)
+                tmp.replace(state)  # a kill mid-write leaves the previous state whole
     model.load_state_dict(best_state)
-    return model.eval(), {"val": best, "epochs": epoch, "train_minutes": (time.perf_counter() - t0) / 60}
+    return model.eval(), {"val": best, "epochs": epoch, "train_minutes": before + (time.perf_counter() - t0) / 60}
 
 
 def run_sasrec(split: Split, cfg: SASRecConfig, progress: bool = True,

@@ -5,7 +5,11 @@ the server (arrival at the HTTP front → answer ready: queueing, batching wait 
 its share of the batch's compute time. The controller keeps a sliding window of the latencies of the model now
 serving and, once the window holds `min_samples` requests,
 
-- moves to the next *faster* model when the window's p99 exceeds `down_at` × SLO (the SLO is at risk), and
+- moves to the next *faster* model when the window's p99 exceeds `down_at` × SLO (the SLO is at risk), or at
+  once — before the tail shows it — when the serving model's measured service time at the measured arrival rate
+  puts its utilisation above `overload_at` (ρ ≥ 1: its queue grows without bound, so every request from now on
+  waits longer than the last; waiting for `min_samples` of them to cross the SLO only deepens the backlog the
+  faster model inherits), and
 - moves back to the next *more accurate* model when the window's p99 is below `up_at` × SLO **and** that model's
   measured service time at the measured arrival rate would keep its utilisation below `max_utilization` (so a
   load the more accurate model cannot carry never tempts the controller back: no probing, no flapping).
@@ -35,6 +39,7 @@ class ControllerSettings:
     down_at: float = 0.8  # p99 > down_at × SLO: the SLO is at risk → the next faster model
     up_at: float = 0.5  # p99 < up_at × SLO (and the slower model fits the load) → the next more accurate model
     max_utilization: float = 0.7  # the more accurate model's predicted utilisation (rate × service time) must be below
+    overload_at: float = 1.0  # the serving model's predicted utilisation above which it moves down at once
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,17 @@ class Controller:
 
     def decide(self, now_s: float) -> Switch | None:
         s, n = self.s, len(self.window)
+        rate, service = self.rate(), self.service_ms[self.current]
+        faster = self.current < len(self.models) - 1 and s.slo_ms != float("inf")  # no SLO: nothing to hold
+        if faster and service is not None and len(self.arrivals) >= s.min_samples and \
+                rate * service / 1000 > s.overload_at:
+            reason = (f"{self.model}'s utilisation {rate * service / 1000:.2f} > {s.overload_at:g} "
+                      f"({rate:.1f} arrivals/s × {service:.1f} ms per request)")
+            return self._switch(self.current + 1, now_s, reason, self.p99(), rate)
         if n < s.min_samples:
             return None
-        p99, rate = self.p99(), self.rate()
-        if p99 > s.down_at * s.slo_ms and self.current < len(self.models) - 1:
+        p99 = self.p99()
+        if p99 > s.down_at * s.slo_ms and faster:
             reason = f"p99 {p99:.1f} ms > {s.down_at:g} × SLO {s.slo_ms:g} ms over {n} requests"
             return self._switch(self.current + 1, now_s, reason, p99, rate)
         if p99 < s.up_at * s.slo_ms and self.current > 0:

@@ -91,7 +91,8 @@ class RecommendAPI(ls.LitAPI):
         slo = self.cfg.slo_ms or float("inf")
         c = self.cfg
         self.controller = Controller(self.names, ControllerSettings(slo, c.window, c.min_samples, c.down_at,
-                                                                    c.up_at, c.max_utilization))
+                                                                    c.up_at, c.max_utilization,
+                                                                    c.overload_at))
 
     def decode_request(self, request):
         return request  # validated and normalised by the front
