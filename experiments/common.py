@@ -17,7 +17,7 @@ from recsys.config import load_config, read_yaml  # noqa: E402
 from recsys.efficiency.latency import Timing, exclusive, interleaved, threads  # noqa: E402
 from recsys.errors import RecsysError  # noqa: E402
 from recsys.recipes.profile import online_request  # noqa: E402
-from recsys.recipes.train import LAST, train  # noqa: E402
+from recsys.recipes.train import interrupted_checkpoint, train  # noqa: E402
 from recsys.tracking.records import environment_record, hardware, write_json  # noqa: E402
 
 __all__ = ["positive_ints", "run_matrix", "stamp", "time_requests", "train_or_reuse", "write_benchmark"]
@@ -36,7 +36,7 @@ def train_or_reuse(config: str, overrides: list[str], name: str, results_dir: st
     was stopped with a full-state checkpoint (`train.checkpoint_every_steps`) continues from it (`--resume`)."""
     run = Path(results_dir) / "runs" / name
     if not (run / "metrics.json").is_file():
-        resume = (run.with_name(f"{name}.partial") / LAST).is_file()
+        resume = interrupted_checkpoint(run).is_file()
         print(f"== {'resuming' if resume else 'training'} {name}", flush=True)
         train(load_config(config, [*overrides, f"tracking.results_dir={results_dir}", f"tracking.run_name={name}",
                                    "tracking.progress_bar=false"]), resume=resume)

@@ -45,7 +45,7 @@ from recsys.efficiency.latency import exclusive, interleaved, threads
 from recsys.errors import RecsysError
 from recsys.models.encoder import load_tokenizer, resolve_model_path
 from recsys.models.item_encoder import cache_meta, catalog_vectors
-from recsys.models.sasrec import SASRec, fit_sasrec, sasrec_scorer
+from recsys.models.sasrec import SASRec, fit_sasrec, grid_record, sasrec_scorer
 from recsys.models.sequence_tower import mean_item_scorers
 from recsys.recipes.baselines import run_zero_shot
 from recsys.recipes.profile import online_request
@@ -121,7 +121,6 @@ def sasrec_rows(split, cfg, seeds: list[int], folder: Path, chosen: dict | None)
     def piece(seed: int, hidden: int, dropout: float, max_len: int) -> dict:
         name = f"sasrec_seed{seed}_h{hidden}_p{dropout}_L{max_len}"  # no with_suffix: p0.2 has a dot
         weights = folder / f"{name}.pt"
-
         state = folder / f"{name}.state.pt"  # a stopped fit continues from its last validation
 
         def fit():
@@ -135,15 +134,12 @@ def sasrec_rows(split, cfg, seeds: list[int], folder: Path, chosen: dict | None)
         state.unlink(missing_ok=True)
         return out
 
-    if split.n_items < 2:
-        raise RecsysError(f"sasrec: the catalog has {split.n_items} item; SASRec ranks a next item among at least 2")
     grid = None
     if chosen is None:  # the grid, with the first seed; the best validation NDCG@10 is chosen
         tried = [piece(seeds[0], h, p, n) for h, p, n in itertools.product(cfg.hidden, cfg.dropout, cfg.max_len)]
         best = max(tried, key=lambda t: t["val"]["ndcg@10"])
         chosen = {k: best[k] for k in ("hidden", "dropout", "max_len")}
-        grid = [{**{k: t[k] for k in ("hidden", "dropout", "max_len")}, "val_ndcg@10": t["val"]["ndcg@10"],
-                 "epochs": t["epochs"], "train_minutes": t["train_minutes"]} for t in tried]
+        grid = [grid_record(t["hidden"], t["dropout"], t["max_len"], t) for t in tried]
     infos = [piece(seed, chosen["hidden"], chosen["dropout"], chosen["max_len"]) for seed in seeds]
     model = SASRec(split.n_items, chosen["hidden"], chosen["max_len"], cfg.n_layers, cfg.n_heads, chosen["dropout"])
     model.load_state_dict(torch.load(infos[0]["weights"], weights_only=True))

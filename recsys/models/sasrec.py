@@ -121,6 +121,8 @@ def fit_sasrec(split: Split, cfg: SASRecConfig, hidden: int, dropout: float, max
     With `state`, the whole fit (model, optimizer, both random streams, early-stopping record, minutes so far) is
     saved there at every validation and a fit stopped midway continues from it, ending as an uninterrupted one
     would; the caller removes the file once the result is kept."""
+    if split.n_items < 2:
+        raise RecsysError(f"sasrec: the catalog has {split.n_items} item; SASRec ranks a next item among at least 2")
     torch.manual_seed(cfg.seed)
     model = SASRec(split.n_items, hidden, max_len, cfg.n_layers, cfg.n_heads, dropout)
     inputs, targets = training_pairs(split, max_len)
@@ -173,18 +175,22 @@ def fit_sasrec(split: Split, cfg: SASRecConfig, hidden: int, dropout: float, max
     return model.eval(), {"val": best, "epochs": epoch, "train_minutes": before + (time.perf_counter() - t0) / 60}
 
 
+def grid_record(hidden: int, dropout: float, max_len: int, info: dict) -> dict:
+    """One grid point as benchmarks list it: its hyper-parameters, validation NDCG@10, epochs and minutes
+    (`info` as `fit_sasrec` returns it)."""
+    return {"hidden": hidden, "dropout": dropout, "max_len": max_len, "val_ndcg@10": info["val"][SELECT_BY],
+            "epochs": info["epochs"], "train_minutes": info["train_minutes"]}
+
+
 def run_sasrec(split: Split, cfg: SASRecConfig, progress: bool = True,
                keep_model: bool = False) -> tuple[EvalResult, dict]:
     """Every point of the grid (hidden × dropout × max_len) trained with early stopping on validation; the point
     with the best validation NDCG@10 is evaluated on test. Returns (test result, {hyper-parameters, val, grid}
     and, with `keep_model`, the chosen "model")."""
-    if split.n_items < 2:
-        raise RecsysError(f"sasrec: the catalog has {split.n_items} item; SASRec ranks a next item among at least 2")
     best, grid = None, []
     for hidden, dropout, max_len in itertools.product(cfg.hidden, cfg.dropout, cfg.max_len):
         model, info = fit_sasrec(split, cfg, hidden, dropout, max_len, progress)
-        grid.append({"hidden": hidden, "dropout": dropout, "max_len": max_len, "val_ndcg@10": info["val"][SELECT_BY],
-                     "epochs": info["epochs"], "train_minutes": info["train_minutes"]})
+        grid.append(grid_record(hidden, dropout, max_len, info))
         if best is None or info["val"][SELECT_BY] > best[1]["val"][SELECT_BY]:
             best = (model, info, grid[-1])
     model, info, point = best

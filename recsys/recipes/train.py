@@ -45,6 +45,11 @@ from recsys.tracking.records import environment_record, staged_dir, write_json
 LAST = "checkpoints/last.ckpt"  # a fit's last full-state checkpoint, inside its staging folder
 
 
+def interrupted_checkpoint(final: Path) -> Path:
+    """The full-state checkpoint an interrupted fit of run folder `final` left (`<run>.partial/…/last.ckpt`)."""
+    return final.with_name(final.name + ".partial") / LAST
+
+
 class Throughput(pl.Callback):
     """Times training batches: examples/s of the optimisation steps, validation excluded."""
 
@@ -255,7 +260,7 @@ def _train(cfg: RunConfig, callbacks: list | None = None, test: bool = True, res
     elif final.exists() and not cfg.tracking.overwrite:  # checked before anything is written
         raise RecsysError(f"run {final} exists: choose another tracking.run_name, or tracking.overwrite=true to "
                           "replace it")
-    last = final.with_name(final.name + ".partial") / LAST
+    last = interrupted_checkpoint(final)
     if resume and not last.is_file():
         raise RecsysError(f"--resume: no interrupted run {name} to continue ({last} missing)")
     if resume and read_yaml(last.parent.parent / "config.yaml") != cfg.to_dict():

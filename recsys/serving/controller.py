@@ -115,9 +115,9 @@ class Controller:
         s, n = self.s, len(self.window)
         rate, service = self.rate(), self.service_ms[self.current]
         faster = self.current < len(self.models) - 1 and s.slo_ms != float("inf")  # no SLO: nothing to hold
-        if faster and service is not None and len(self.arrivals) >= s.min_samples and \
-                rate * service / 1000 > s.overload_at:
-            reason = (f"{self.model}'s utilisation {rate * service / 1000:.2f} > {s.overload_at:g} "
+        util = None if service is None else rate * service / 1000
+        if faster and util is not None and len(self.arrivals) >= s.min_samples and util > s.overload_at:
+            reason = (f"{self.model}'s utilisation {util:.2f} > {s.overload_at:g} "
                       f"({rate:.1f} arrivals/s × {service:.1f} ms per request)")
             return self._switch(self.current + 1, now_s, reason, self.p99(), rate)
         if n < s.min_samples:
